@@ -1,0 +1,29 @@
+// Operator schemas of the torch.ops.weightlight namespace, defined once. Each kernel family
+// registers its CPU implementation in its own file with TORCH_LIBRARY_IMPL.
+#include <string>
+
+#include <torch/library.h>
+
+#include "isa.h"
+
+TORCH_LIBRARY(weightlight, m) {
+  // Fake (meta) kernels live in this Python module; torch imports it when it traces an op.
+  m.set_python_module("lightning_weightlight.kernels.ops");
+
+  m.def("isa() -> str");
+  m.def("set_isa(str name) -> str");
+  m.def("quantize_per_row(Tensor x) -> (Tensor q, Tensor scale, Tensor zero_point)");
+}
+
+namespace {
+
+std::string isa_op() { return weightlight::isa_name(weightlight::active_isa()); }
+
+std::string set_isa_op(const std::string& name) { return weightlight::set_isa(name); }
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(weightlight, CompositeExplicitAutograd, m) {
+  m.impl("isa", isa_op);
+  m.impl("set_isa", set_isa_op);
+}

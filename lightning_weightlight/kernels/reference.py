@@ -1,0 +1,126 @@
+"""Pure-PyTorch reference of every ``torch.ops.weightlight`` op: the numerics contract.
+
+Fake quantization during training, this reference and the C++ kernels follow the same rules:
+
+* Rounding is half to even (``torch.round``) of a true float32 division ``x / scale``, never a
+  multiplication by a reciprocal, and every clamp saturates at the integer type's range.
+* Affine parameters come from a range that always includes zero: ``lo = min(x_min, 0)``,
+  ``hi = max(x_max, 0)``, ``scale = (hi - lo) / (qmax - qmin)`` (``1`` when the range is empty)
+  and ``zero_point = clamp(round(qmin - lo / scale), qmin, qmax)``.
+* Weights are symmetric (zero point 0): ``scale = max|w| / qmax``, per output channel by
+  default, and ``q = clamp(round(w / scale), qmin, qmax)``.
+* Integer products accumulate exactly in int32; dequantization is
+  ``acc * (x_scale * w_scale) + bias`` in float32.
+"""
+
+from __future__ import annotations
+
+import torch
+
+UINT8_RANGE = (0, 255)
+INT8_RANGE = (-128, 127)
+
+
+def integer_range(bits: int, signed: bool) -> tuple[int, int]:
+    """Return ``(qmin, qmax)`` of a ``bits``-wide signed or unsigned integer."""
+    if signed:
+        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    return 0, 2**bits - 1
+
+
+def choose_qparams_affine(
+    lo: torch.Tensor, hi: torch.Tensor, qmin: int, qmax: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Compute float32 scales and integer-valued float32 zero points for the range ``[lo, hi]``."""
+    lo = torch.clamp(lo.float(), max=0.0)
+    hi = torch.clamp(hi.float(), min=0.0)
+    scale = (hi - lo) / float(qmax - qmin)
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    zero_point = torch.clamp(torch.round(qmin - lo / scale), qmin, qmax)
+    return scale, zero_point
+
+
+def choose_qparams_symmetric(amax: torch.Tensor, qmax: int) -> torch.Tensor:
+    """Compute float32 scales of a symmetric (zero point 0) quantizer for magnitudes up to ``amax``."""
+    scale = amax.float() / float(qmax)
+    return torch.where(scale == 0, torch.ones_like(scale), scale)
+
+
+def quantize_affine(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int
+) -> torch.Tensor:
+    """Quantize to integer values held in float32: ``clamp(round(x / scale) + zero_point)``."""
+    return torch.clamp(torch.round(x / scale) + zero_point, qmin, qmax)
+
+
+def dequantize_affine(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
+    """Map integer values back to float32: ``(q - zero_point) * scale``."""
+    return (q.float() - zero_point) * scale
+
+
+def fake_quantize_affine(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int
+) -> torch.Tensor:
+    """Quantize and dequantize in float32, the value that training sees."""
+    return dequantize_affine(quantize_affine(x, scale, zero_point, qmin, qmax), scale, zero_point)
+
+
+def quantize_per_row(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Quantize each row of a 2-D float32 tensor to uint8 with its own scale and zero point.
+
+    Returns ``(q, scale, zero_point)``: uint8 ``(M, K)``, float32 ``(M,)`` and int32 ``(M,)``.
+
+    Example:
+        >>> q, scale, zero_point = quantize_per_row(torch.tensor([[-1.0, 0.0, 3.0]]))
+        >>> q.tolist(), zero_point.tolist()
+        ([[0, 64, 255]], [64])
+    """
+    if x.dim() != 2:
+        raise ValueError(f"quantize_per_row: expected a 2-D tensor, but got {x.dim()} dimensions")
+    x = x.float()
+    qmin, qmax = UINT8_RANGE
+    if x.shape[1] == 0:
+        lo = hi = torch.zeros(x.shape[0])
+    else:
+        lo, hi = x.amin(dim=1), x.amax(dim=1)
+    scale, zero_point = choose_qparams_affine(lo, hi, qmin, qmax)
+    q = quantize_affine(x, scale[:, None], zero_point[:, None], qmin, qmax)
+    return q.to(torch.uint8), scale, zero_point.to(torch.int32)
+
+
+def quantize_weight_per_channel(weight: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize a weight symmetrically per output channel (dimension 0).
+
+    Returns ``(q, scale)``: int8 values shaped like ``weight`` and float32 scales ``(out,)``.
+    """
+    qmin, qmax = integer_range(bits, signed=True)
+    flat = weight.detach().float().reshape(weight.shape[0], -1)
+    amax = flat.abs().amax(dim=1) if flat.shape[1] > 0 else torch.zeros(flat.shape[0])
+    scale = choose_qparams_symmetric(amax, qmax)
+    view = (-1,) + (1,) * (weight.dim() - 1)
+    q = torch.clamp(torch.round(weight.float() / scale.view(view)), qmin, qmax)
+    return q.to(torch.int8), scale
+
+
+def int8_linear_accumulators(
+    q_x: torch.Tensor, x_zero_point: torch.Tensor, q_w: torch.Tensor
+) -> torch.Tensor:
+    """Compute exact int32 accumulators ``sum_k (q_x - zero_point) * q_w`` of a uint8 x int8 GEMM.
+
+    ``q_x`` is uint8 ``(M, K)`` with ``x_zero_point`` of shape ``(M,)`` or scalar, ``q_w`` int8
+    ``(N, K)``; the result is int32 ``(M, N)``.
+    """
+    centered = q_x.to(torch.int64) - x_zero_point.to(torch.int64).reshape(-1, 1)
+    return (centered @ q_w.to(torch.int64).t()).to(torch.int32)
+
+
+def dynamic_int8_linear(
+    x: torch.Tensor, q_w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Compute ``x @ w.T + bias`` with ``x`` quantized per row at run time and int8 weights."""
+    q_x, x_scale, x_zero_point = quantize_per_row(x)
+    acc = int8_linear_accumulators(q_x, x_zero_point, q_w)
+    out = acc.float() * (x_scale[:, None] * w_scale[None, :].float())
+    if bias is not None:
+        out = out + bias.float()
+    return out

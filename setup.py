@@ -1,0 +1,25 @@
+"""Build of the C++ extension ``lightning_weightlight._C``; the metadata lives in pyproject.toml."""
+
+import glob
+import os
+
+from setuptools import setup
+from torch.utils.cpp_extension import BuildExtension, CppExtension
+
+CSRC = os.path.join("lightning_weightlight", "csrc")
+
+# The kernels pick AVX-512 VNNI, AVX2 or scalar code at run time through function target
+# attributes, so the library itself is built for the baseline x86-64 instruction set.
+extra_compile_args = ["-O3", "-fopenmp", "-std=c++17", "-Wall", "-Wno-unknown-pragmas"]
+
+setup(
+    ext_modules=[
+        CppExtension(
+            name="lightning_weightlight._C",
+            sources=sorted(glob.glob(os.path.join(CSRC, "*.cpp"))),
+            extra_compile_args=extra_compile_args,
+            extra_link_args=["-fopenmp"],
+        )
+    ],
+    cmdclass={"build_ext": BuildExtension.with_options(no_python_abi_suffix=False)},
+)

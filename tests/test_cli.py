@@ -1,0 +1,102 @@
+"""The `weightlight` command, run as a user runs it: a subprocess with YAML files."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import yaml
+
+from tests.conftest import CONFIGS
+
+QUICK = [
+    "--trainer.max_epochs=1",
+    "--trainer.limit_train_batches=3",
+    "--trainer.limit_val_batches=1",
+    "--trainer.limit_test_batches=1",
+    "--trainer.enable_progress_bar=false",
+]
+
+
+def run_cli(python_executable: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    return subprocess.run(
+        [python_executable, "-m", "lightning_weightlight.cli", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def test_fit_baseline_config(python_executable, tmp_path):
+    result = run_cli(
+        python_executable,
+        [
+            "fit",
+            "--config",
+            str(CONFIGS / "digits_baseline.yaml"),
+            *QUICK,
+            f"--trainer.default_root_dir={tmp_path}",
+        ],
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    checkpoints = list(tmp_path.rglob("last.ckpt"))
+    assert len(checkpoints) == 1
+
+    tested = run_cli(
+        python_executable,
+        [
+            "test",
+            "--config",
+            str(CONFIGS / "digits_baseline.yaml"),
+            *QUICK,
+            f"--trainer.default_root_dir={tmp_path}",
+            f"--ckpt_path={checkpoints[0]}",
+        ],
+        cwd=tmp_path,
+    )
+    assert tested.returncode == 0, tested.stderr[-3000:]
+    assert "test_acc" in tested.stdout
+
+
+def test_print_config_round_trip(python_executable, tmp_path):
+    printed = run_cli(python_executable, ["fit", "--print_config"], cwd=tmp_path)
+    assert printed.returncode == 0, printed.stderr[-3000:]
+    config = yaml.safe_load(printed.stdout)
+    assert config["model"]["class_path"] == "lightning_weightlight.demo.DigitsCNN"
+    assert config["data"]["class_path"] == "lightning_weightlight.demo.DigitsDataModule"
+
+    path = tmp_path / "printed.yaml"
+    path.write_text(printed.stdout)
+    result = run_cli(
+        python_executable,
+        ["fit", "--config", str(path), *QUICK, f"--trainer.default_root_dir={tmp_path}"],
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_mlp_chosen_by_class_path(python_executable, tmp_path):
+    result = run_cli(
+        python_executable,
+        [
+            "fit",
+            "--model=lightning_weightlight.demo.DigitsMLP",
+            "--model.hidden=[32]",
+            "--data.flatten=true",
+            *QUICK,
+            f"--trainer.default_root_dir={tmp_path}",
+        ],
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_bad_model_argument_names_it(python_executable, tmp_path):
+    result = run_cli(python_executable, ["fit", "--model.init_args.lr=-1", *QUICK], cwd=tmp_path)
+    assert result.returncode != 0
+    assert "lr" in result.stderr

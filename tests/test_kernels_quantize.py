@@ -1,0 +1,116 @@
+"""The per-row dynamic quantization op against its reference, on every instruction set."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lightning_weightlight.kernels import ops, reference
+
+ISAS = ["avx512", "avx2", "scalar"]
+SHAPES = [(1, 1), (1, 384), (3, 17), (8, 63), (5, 0), (0, 7), (33, 1031), (128, 384)]
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    ops.set_isa(request.param)
+    yield request.param
+    ops.set_isa("auto")
+
+
+def test_extension_loaded():
+    assert ops.has_cpp(), "the compiled extension did not load; the tests would only check the reference"
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_quantize_per_row_matches_reference(isa, shape):
+    generator = torch.Generator().manual_seed(sum(shape))
+    x = torch.randn(shape, generator=generator) * 4.0
+    q, scale, zero_point = ops.quantize_per_row(x)
+    q_ref, scale_ref, zp_ref = reference.quantize_per_row(x)
+    assert q.dtype == torch.uint8 and scale.dtype == torch.float32 and zero_point.dtype == torch.int32
+    assert torch.equal(q, q_ref)
+    assert torch.equal(scale, scale_ref)
+    assert torch.equal(zero_point, zp_ref)
+
+
+@pytest.mark.parametrize(
+    "row",
+    [
+        [0.0, 0.0, 0.0],  # empty range: scale 1, zero point 0
+        [1.0, 2.0, 3.0],  # positive only: the range is widened to include 0
+        [-5.0, -1.0, -0.5],  # negative only: zero point 255
+        [-1.0, 0.0, 3.0],
+        [0.5, 1.5, 2.5, -0.5],  # ties round to even
+        [1e-30, -1e-30, 0.0],
+        [3.4e38, -3.4e38, 1.0],
+    ],
+)
+def test_quantize_per_row_edge_rows(isa, row):
+    x = torch.tensor([row], dtype=torch.float32)
+    for got, expected in zip(ops.quantize_per_row(x), reference.quantize_per_row(x)):
+        assert torch.equal(got, expected)
+
+
+def test_quantize_per_row_values_by_hand():
+    q, scale, zero_point = reference.quantize_per_row(torch.tensor([[-1.0, 0.0, 3.0]]))
+    assert scale.item() == pytest.approx(4.0 / 255.0)
+    assert zero_point.item() == 64  # round(1 / (4 / 255)) = round(63.75)
+    assert q.tolist() == [[0, 64, 255]]
+
+
+def test_quantize_per_row_dequantizes_within_half_step():
+    x = torch.randn(16, 300, generator=torch.Generator().manual_seed(3))
+    q, scale, zero_point = ops.quantize_per_row(x)
+    restored = reference.dequantize_affine(q, scale[:, None], zero_point[:, None].float())
+    assert torch.all((restored - x).abs() <= scale[:, None] / 2 + 1e-6)
+
+
+def test_quantize_per_row_noncontiguous_input():
+    x = torch.randn(40, 24, generator=torch.Generator().manual_seed(4)).t()
+    assert not x.is_contiguous()
+    for got, expected in zip(ops.quantize_per_row(x), reference.quantize_per_row(x.contiguous())):
+        assert torch.equal(got, expected)
+
+
+def test_quantize_per_row_thread_count_independent():
+    x = torch.randn(257, 129, generator=torch.Generator().manual_seed(5))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = ops.quantize_per_row(x)
+        torch.set_num_threads(2)
+        double = ops.quantize_per_row(x)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(single, double):
+        assert torch.equal(a, b)
+
+
+def test_quantize_per_row_rejects_bad_input():
+    with pytest.raises(RuntimeError, match="2-D"):
+        ops.quantize_per_row(torch.zeros(2, 3, 4))
+    with pytest.raises(RuntimeError, match="float32"):
+        ops.quantize_per_row(torch.zeros(2, 3, dtype=torch.float64))
+
+
+def test_quantize_per_row_opcheck():
+    samples = [torch.randn(4, 9), torch.randn(1, 64), torch.randn(3, 0)]
+    for x in samples:
+        torch.library.opcheck(torch.ops.weightlight.quantize_per_row.default, (x,))
+
+
+def test_quantize_per_row_in_compiled_graph():
+    def fn(x):
+        q, scale, zero_point = ops.quantize_per_row(x)
+        return q, scale, zero_point
+
+    x = torch.randn(6, 20)
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    for got, expected in zip(compiled(x), reference.quantize_per_row(x)):
+        assert torch.equal(got, expected)
+
+
+def test_set_isa_rejects_unknown_name():
+    with pytest.raises(ValueError, match="set_isa"):
+        ops.set_isa("sse9")
