@@ -7,6 +7,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.weightlight-installed
 TORCH_PIN := torch==2.13.0
+LINT_PATHS := $(wildcard lightning_weightlight tests examples benchmarks)
 PYTEST_ARGS ?=
 
 .PHONY: setup demo test lint clean
@@ -20,7 +21,7 @@ $(STAMP): pyproject.toml setup.py $(wildcard lightning_weightlight/csrc/*)
 	fi
 	@echo ">>> installing $(TORCH_PIN) (CPU build) first, so the extension builds against it"
 	$(BIN)/python -m pip install --quiet --upgrade pip setuptools wheel
-	$(BIN)/python -m pip install --quiet $(TORCH_PIN)
+	$(BIN)/python -m pip install --quiet $(TORCH_PIN) numpy
 	@echo ">>> installing lightning-weightlight with its C++ extension and the dev tools"
 	$(BIN)/python -m pip install --quiet --no-build-isolation -e ".[dev]"
 	@touch $(STAMP)
@@ -32,8 +33,8 @@ demo: setup
 
 lint: setup
 	@echo ">>> ruff"
-	$(BIN)/ruff check lightning_weightlight tests examples benchmarks
-	$(BIN)/ruff format --check lightning_weightlight tests examples benchmarks
+	$(BIN)/ruff check $(LINT_PATHS)
+	$(BIN)/ruff format --check $(LINT_PATHS)
 
 test: setup lint
 	@echo ">>> pytest"
