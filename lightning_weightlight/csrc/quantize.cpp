@@ -20,6 +20,7 @@
 #include <torch/library.h>
 
 #include "isa.h"
+#include "quantize.h"
 
 namespace weightlight {
 namespace {
@@ -133,6 +134,23 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void quantize_row_avx512(
   }
   *out = p;
 }
+
+}  // namespace
+
+void quantize_row(const float* x, int64_t k, uint8_t* q, float* scale, int32_t* zero_point, Isa isa) {
+  RowParams p;
+  if (isa == Isa::kAvx512Vnni) {
+    quantize_row_avx512(x, k, q, &p);
+  } else if (isa == Isa::kAvx2) {
+    quantize_row_avx2(x, k, q, &p);
+  } else {
+    quantize_row_scalar(x, k, q, &p);
+  }
+  *scale = p.scale;
+  *zero_point = static_cast<int32_t>(p.zero_point);
+}
+
+namespace {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_per_row_cpu(const at::Tensor& x_in) {
   TORCH_CHECK(x_in.dim() == 2, "quantize_per_row: expected a 2-D tensor, but got ", x_in.dim(),

@@ -13,6 +13,17 @@ TORCH_LIBRARY(weightlight, m) {
   m.def("isa() -> str");
   m.def("set_isa(str name) -> str");
   m.def("quantize_per_row(Tensor x) -> (Tensor q, Tensor scale, Tensor zero_point)");
+  // x (..., K) float32 -> (..., N) float32. Static activation quantization when x_scale and
+  // x_zero_point are given (one-element tensors), dynamic per-row quantization otherwise.
+  m.def(
+      "int8_linear(Tensor x, Tensor w_packed, Tensor w_sums, Tensor w_scale, Tensor? bias=None, "
+      "Tensor? x_scale=None, Tensor? x_zero_point=None) -> Tensor");
+  m.def(
+      "sparse_linear(Tensor x, Tensor row_ptr, Tensor col_idx, Tensor values, Tensor? bias, "
+      "int out_features) -> Tensor");
+  m.def(
+      "sparse_int8_linear(Tensor x, Tensor row_ptr, Tensor group_idx, Tensor values, Tensor w_sums, "
+      "Tensor w_scale, Tensor? bias=None, Tensor? x_scale=None, Tensor? x_zero_point=None) -> Tensor");
 }
 
 namespace {

@@ -12,6 +12,12 @@ from lightning_weightlight.kernels import _loader, reference
 
 _loader.load()
 
+if _loader.HAS_CPP:
+    # Resolved overloads: calling them skips the overload lookup of torch.ops.weightlight.<name>.
+    _INT8_LINEAR = torch.ops.weightlight.int8_linear.default
+    _SPARSE_LINEAR = torch.ops.weightlight.sparse_linear.default
+    _SPARSE_INT8_LINEAR = torch.ops.weightlight.sparse_int8_linear.default
+
 
 def has_cpp() -> bool:
     """Return whether the compiled operators are loaded in this process."""
@@ -51,6 +57,67 @@ def quantize_per_row(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch
     return reference.quantize_per_row(x)
 
 
+def int8_linear(
+    x: torch.Tensor,
+    w_packed: torch.Tensor,
+    w_sums: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    x_scale: torch.Tensor | None = None,
+    x_zero_point: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Multiply float32 ``x`` ``(..., K)`` by a packed int8 weight: float32 ``(..., N)``.
+
+    ``w_packed`` and ``w_sums`` come from :func:`~lightning_weightlight.kernels.packing.pack_int8_weight`,
+    ``w_scale`` contains the N per-channel scales. ``x`` is quantized to uint8 per row at run time,
+    or per tensor with ``x_scale`` and ``x_zero_point`` (one-element tensors) when they are given.
+    Matches :func:`lightning_weightlight.kernels.reference.int8_linear`.
+    """
+    if _loader.HAS_CPP:
+        return _INT8_LINEAR(x, w_packed, w_sums, w_scale, bias, x_scale, x_zero_point)
+    return reference.int8_linear(x, w_packed, w_sums, w_scale, bias, x_scale, x_zero_point)
+
+
+def sparse_linear(
+    x: torch.Tensor,
+    row_ptr: torch.Tensor,
+    col_idx: torch.Tensor,
+    values: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_features: int,
+) -> torch.Tensor:
+    """Multiply float32 ``x`` ``(..., K)`` by a block-sparse weight: float32 ``(..., out_features)``.
+
+    The weight comes from :func:`~lightning_weightlight.kernels.packing.pack_sparse_weight`.
+    Matches :func:`lightning_weightlight.kernels.reference.sparse_linear` within float32 rounding.
+    """
+    if _loader.HAS_CPP:
+        return _SPARSE_LINEAR(x, row_ptr, col_idx, values, bias, out_features)
+    return reference.sparse_linear(x, row_ptr, col_idx, values, bias, out_features)
+
+
+def sparse_int8_linear(
+    x: torch.Tensor,
+    row_ptr: torch.Tensor,
+    group_idx: torch.Tensor,
+    values: torch.Tensor,
+    w_sums: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    x_scale: torch.Tensor | None = None,
+    x_zero_point: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Multiply float32 ``x`` ``(..., K)`` by a sparse int8 weight in groups of 4 inputs.
+
+    The weight comes from :func:`~lightning_weightlight.kernels.packing.pack_sparse_int8_weight`;
+    the activation quantization is that of :func:`int8_linear`.
+    """
+    args = (x, row_ptr, group_idx, values, w_sums, w_scale, bias, x_scale, x_zero_point)
+    if _loader.HAS_CPP:
+        return _SPARSE_INT8_LINEAR(*args)
+    return reference.sparse_int8_linear(*args)
+
+
 if _loader.HAS_CPP:
 
     @torch.library.register_fake("weightlight::quantize_per_row")
@@ -62,3 +129,28 @@ if _loader.HAS_CPP:
             x.new_empty((rows,), dtype=torch.float32),
             x.new_empty((rows,), dtype=torch.int32),
         )
+
+    def _check_input(op: str, x: torch.Tensor) -> None:
+        torch._check(x.dtype == torch.float32, lambda: f"{op}: expected a float32 input, but got {x.dtype}")
+        torch._check(x.dim() >= 1, lambda: f"{op}: expected an input with at least 1 dimension, but got 0")
+
+    @torch.library.register_fake("weightlight::int8_linear")
+    def _int8_linear_fake(x, w_packed, w_sums, w_scale, bias=None, x_scale=None, x_zero_point=None):
+        _check_input("int8_linear", x)
+        torch._check(
+            w_packed.dim() == 4 and w_packed.shape[1] * 4 >= x.shape[-1],
+            lambda: f"int8_linear: w_packed of shape {tuple(w_packed.shape)} does not fit K = {x.shape[-1]}",
+        )
+        return x.new_empty((*x.shape[:-1], w_scale.shape[0]))
+
+    @torch.library.register_fake("weightlight::sparse_linear")
+    def _sparse_linear_fake(x, row_ptr, col_idx, values, bias, out_features):
+        _check_input("sparse_linear", x)
+        return x.new_empty((*x.shape[:-1], out_features))
+
+    @torch.library.register_fake("weightlight::sparse_int8_linear")
+    def _sparse_int8_linear_fake(
+        x, row_ptr, group_idx, values, w_sums, w_scale, bias=None, x_scale=None, x_zero_point=None
+    ):
+        _check_input("sparse_int8_linear", x)
+        return x.new_empty((*x.shape[:-1], w_scale.shape[0]))

@@ -124,3 +124,93 @@ def dynamic_int8_linear(
     if bias is not None:
         out = out + bias.float()
     return out
+
+
+def static_int8_linear(
+    x: torch.Tensor,
+    q_w: torch.Tensor,
+    w_scale: torch.Tensor,
+    x_scale: torch.Tensor | float,
+    x_zero_point: torch.Tensor | int,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Compute ``x @ w.T + bias`` with ``x`` (M, K) quantized per tensor to uint8 with a fixed scale."""
+    qmin, qmax = UINT8_RANGE
+    x_scale = torch.as_tensor(x_scale, dtype=torch.float32).reshape(())
+    x_zero_point = torch.as_tensor(x_zero_point, dtype=torch.float32).reshape(())
+    # A full-shape divisor keeps the true division: torch may multiply by the reciprocal of a scalar.
+    q_x = quantize_affine(x.float(), x_scale.expand(x.shape), x_zero_point, qmin, qmax)
+    zero_points = x_zero_point.to(torch.int32).expand(x.shape[0])
+    acc = int8_linear_accumulators(q_x.to(torch.uint8), zero_points, q_w)
+    out = acc.float() * (x_scale * w_scale[None, :].float())
+    if bias is not None:
+        out = out + bias.float()
+    return out
+
+
+def _over_rows(fn, x: torch.Tensor, out_features: int) -> torch.Tensor:
+    """Apply ``fn`` to ``x`` viewed as rows ``(M, K)`` and restore the leading dimensions."""
+    rows = x.reshape(x.shape[:-1].numel(), x.shape[-1])
+    return fn(rows).reshape(*x.shape[:-1], out_features)
+
+
+def int8_linear(
+    x: torch.Tensor,
+    w_packed: torch.Tensor,
+    w_sums: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    x_scale: torch.Tensor | None = None,
+    x_zero_point: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Reference of ``weightlight::int8_linear``: an int8 GEMM over the packed weight.
+
+    ``x`` is float32 ``(..., K)``. Without ``x_scale`` the rows are quantized at run time as in
+    :func:`dynamic_int8_linear`, otherwise as in :func:`static_int8_linear`.
+    """
+    from lightning_weightlight.kernels.packing import unpack_int8_weight
+
+    n = w_scale.shape[0]
+    q_w = unpack_int8_weight(w_packed, n, x.shape[-1])
+    if x_scale is None:
+        return _over_rows(lambda rows: dynamic_int8_linear(rows, q_w, w_scale, bias), x, n)
+    return _over_rows(lambda rows: static_int8_linear(rows, q_w, w_scale, x_scale, x_zero_point, bias), x, n)
+
+
+def sparse_linear(
+    x: torch.Tensor,
+    row_ptr: torch.Tensor,
+    col_idx: torch.Tensor,
+    values: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_features: int,
+) -> torch.Tensor:
+    """Reference of ``weightlight::sparse_linear``: ``x @ W.T + bias`` in float64, rounded to float32."""
+    from lightning_weightlight.kernels.packing import SparseWeight, unpack_sparse_weight
+
+    weight = unpack_sparse_weight(SparseWeight(row_ptr, col_idx, values), out_features, x.shape[-1])
+    out = x.double() @ weight.double().t()
+    if bias is not None:
+        out = out + bias.double()
+    return out.float()
+
+
+def sparse_int8_linear(
+    x: torch.Tensor,
+    row_ptr: torch.Tensor,
+    group_idx: torch.Tensor,
+    values: torch.Tensor,
+    w_sums: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    x_scale: torch.Tensor | None = None,
+    x_zero_point: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Reference of ``weightlight::sparse_int8_linear``: the int8 GEMM of a sparse int8 weight."""
+    from lightning_weightlight.kernels.packing import SparseWeight, unpack_sparse_int8_weight
+
+    n = w_scale.shape[0]
+    q_w = unpack_sparse_int8_weight(SparseWeight(row_ptr, group_idx, values), n, x.shape[-1])
+    if x_scale is None:
+        return _over_rows(lambda rows: dynamic_int8_linear(rows, q_w, w_scale, bias), x, n)
+    return _over_rows(lambda rows: static_int8_linear(rows, q_w, w_scale, x_scale, x_zero_point, bias), x, n)

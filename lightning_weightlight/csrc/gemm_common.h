@@ -1,0 +1,42 @@
+// Argument checks and activation preparation shared by the GEMM kernel families.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <vector>
+
+#include <ATen/core/Tensor.h>
+
+#include "isa.h"
+
+namespace weightlight {
+
+// View of x (..., K) as a contiguous float32 (M, K) matrix; copies only when x is not contiguous.
+at::Tensor rows_of(const at::Tensor& x, int64_t k, const char* op);
+
+// Shape of the output: the leading dimensions of x followed by n.
+std::vector<int64_t> output_shape(const at::Tensor& x, int64_t n);
+
+// Check that an optional bias is a float32 vector of n elements and return its data or nullptr.
+const float* bias_data(const std::optional<at::Tensor>& bias, int64_t n, const char* op);
+
+// Activations quantized to uint8 in rows of `stride` bytes (bytes past K are zero), with one
+// scale and zero point per row.
+struct QuantizedActivations {
+  at::Tensor q;           // uint8 (M, stride)
+  at::Tensor scale;       // float32 (M,)
+  at::Tensor zero_point;  // int32 (M,)
+};
+
+// Quantize the rows of x (M, K): per row at run time when x_scale is empty, otherwise per
+// tensor with the static scale and zero point (both 0-dim or one-element tensors).
+QuantizedActivations quantize_activations(const at::Tensor& x, int64_t stride,
+                                          const std::optional<at::Tensor>& x_scale,
+                                          const std::optional<at::Tensor>& x_zero_point, Isa isa,
+                                          const char* op);
+
+inline int64_t round_up(int64_t value, int64_t multiple) {
+  return (value + multiple - 1) / multiple * multiple;
+}
+
+}  // namespace weightlight

@@ -1,0 +1,350 @@
+// Int8 GEMM: y = dequantize(quantize(x) @ w_int8.T) + bias, with uint8 activations quantized per
+// row at run time (dynamic) or with a static per-tensor scale and zero point, and symmetric
+// per-channel int8 weights.
+//
+// Weight layout (packed once, in Python): int8 (N_pad / 16, K_pad / 4, 16, 4), so that one 64-byte
+// load contains 4 consecutive inputs of 16 output columns, the operand layout of vpdpbusd.
+// Rows past N and inputs past K are zero.
+//
+// The activation zero point is not subtracted in the inner loop: acc = sum_k q_x * q_w is
+// corrected afterwards by zero_point * w_sums[n], with w_sums the per-channel weight sums.
+// The integer accumulator equals reference.int8_linear_accumulators modulo 2^32; the float
+// epilogue is float(acc) * (x_scale * w_scale[n]) + bias[n].
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstring>
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include "gemm_common.h"
+#include "isa.h"
+
+namespace weightlight {
+namespace {
+
+constexpr int64_t kBlockCols = 16;  // output columns per packed weight block
+constexpr int kMaxTileRows = 8;
+constexpr int kMaxTileBlocks = 8;
+constexpr int64_t kAccStride = kMaxTileBlocks * kBlockCols;  // int32 per row of the tile buffer
+
+inline int32_t load_word(const uint8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+struct Epilogue {
+  const float* x_scale;
+  const int32_t* x_zero_point;
+  const int32_t* w_sums;
+  const float* w_scale;
+  const float* bias;
+  float* out;
+  int64_t n;
+};
+
+// ---------------------------------------------------------------------------------------------
+// Scalar
+
+void tile_scalar(const uint8_t* qx, int64_t ldx, const int8_t* w, int64_t groups, int rows, int blocks,
+                 int32_t* acc) {
+  for (int i = 0; i < rows; ++i) {
+    for (int b = 0; b < blocks; ++b) {
+      for (int64_t c = 0; c < kBlockCols; ++c) {
+        uint32_t sum = 0;
+        for (int64_t g = 0; g < groups; ++g) {
+          const int8_t* wg = w + ((b * groups + g) * kBlockCols + c) * 4;
+          const uint8_t* xg = qx + i * ldx + 4 * g;
+          for (int j = 0; j < 4; ++j) {
+            sum += static_cast<uint32_t>(static_cast<int32_t>(xg[j]) * static_cast<int32_t>(wg[j]));
+          }
+        }
+        acc[i * kAccStride + b * kBlockCols + c] = static_cast<int32_t>(sum);
+      }
+    }
+  }
+}
+
+void epilogue_scalar(const int32_t* acc, int rows, int64_t m0, int64_t n0, int64_t cols, const Epilogue& e) {
+  for (int i = 0; i < rows; ++i) {
+    const int64_t m = m0 + i;
+    for (int64_t c = 0; c < cols; ++c) {
+      const int64_t n = n0 + c;
+      int32_t centered = static_cast<int32_t>(static_cast<uint32_t>(acc[i * kAccStride + c]) -
+                                              static_cast<uint32_t>(e.x_zero_point[m]) *
+                                                  static_cast<uint32_t>(e.w_sums[n]));
+      float scale = e.x_scale[m] * e.w_scale[n];
+      float y = static_cast<float>(centered) * scale;
+      if (e.bias != nullptr) {
+        y += e.bias[n];
+      }
+      e.out[m * e.n + n] = y;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// AVX2: no u8 x s8 dot product without saturation, so both operands are widened to int16 and
+// multiplied with vpmaddwd, which sums pairs into exact int32 lanes.
+
+template <int MR>
+__attribute__((target("avx2,fma"))) void tile_avx2(const uint8_t* qx, int64_t ldx, const int8_t* w,
+                                                    int64_t groups, int32_t* acc_out) {
+  __m256i acc[MR][4];
+  for (int i = 0; i < MR; ++i) {
+    for (int q = 0; q < 4; ++q) {
+      acc[i][q] = _mm256_setzero_si256();
+    }
+  }
+  for (int64_t g = 0; g < groups; ++g) {
+    __m256i xv[MR];
+    for (int i = 0; i < MR; ++i) {
+      xv[i] = _mm256_cvtepu8_epi16(_mm_set1_epi32(load_word(qx + i * ldx + 4 * g)));
+    }
+    const int8_t* wg = w + g * 64;
+    for (int q = 0; q < 4; ++q) {
+      __m256i wv = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wg + q * 16)));
+      for (int i = 0; i < MR; ++i) {
+        acc[i][q] = _mm256_add_epi32(acc[i][q], _mm256_madd_epi16(wv, xv[i]));
+      }
+    }
+  }
+  // Each accumulator contains two partial sums per column, so add the pairs and restore column order.
+  for (int i = 0; i < MR; ++i) {
+    __m256i low = _mm256_permute4x64_epi64(_mm256_hadd_epi32(acc[i][0], acc[i][1]), 0xD8);
+    __m256i high = _mm256_permute4x64_epi64(_mm256_hadd_epi32(acc[i][2], acc[i][3]), 0xD8);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(acc_out + i * kAccStride), low);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(acc_out + i * kAccStride + 8), high);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// AVX-512 VNNI
+
+template <int MR, int NB>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void tile_avx512(
+    const uint8_t* qx, int64_t ldx, const int8_t* w, int64_t groups, int32_t* acc_out) {
+  __m512i acc[MR][NB];
+  for (int i = 0; i < MR; ++i) {
+    for (int j = 0; j < NB; ++j) {
+      acc[i][j] = _mm512_setzero_si512();
+    }
+  }
+  const int64_t block_bytes = groups * 64;
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512i xv[MR];
+    for (int i = 0; i < MR; ++i) {
+      xv[i] = _mm512_set1_epi32(load_word(qx + i * ldx + 4 * g));
+    }
+    for (int j = 0; j < NB; ++j) {
+      __m512i wv = _mm512_loadu_si512(w + j * block_bytes + g * 64);
+      for (int i = 0; i < MR; ++i) {
+        acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], xv[i], wv);
+      }
+    }
+  }
+  for (int i = 0; i < MR; ++i) {
+    for (int j = 0; j < NB; ++j) {
+      _mm512_storeu_si512(acc_out + i * kAccStride + j * kBlockCols, acc[i][j]);
+    }
+  }
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void epilogue_avx512(
+    const int32_t* acc, int rows, int64_t m0, int64_t n0, int64_t cols, const Epilogue& e) {
+  for (int i = 0; i < rows; ++i) {
+    const int64_t m = m0 + i;
+    const __m512i zp = _mm512_set1_epi32(e.x_zero_point[m]);
+    const __m512 xs = _mm512_set1_ps(e.x_scale[m]);
+    float* out_row = e.out + m * e.n + n0;
+    for (int64_t c = 0; c < cols; c += 16) {
+      const __mmask16 mask = cols - c >= 16 ? static_cast<__mmask16>(0xFFFF)
+                                            : static_cast<__mmask16>((1u << (cols - c)) - 1u);
+      __m512i a = _mm512_loadu_si512(acc + i * kAccStride + c);
+      __m512i sums = _mm512_maskz_loadu_epi32(mask, e.w_sums + n0 + c);
+      a = _mm512_sub_epi32(a, _mm512_mullo_epi32(zp, sums));
+      __m512 scale = _mm512_mul_ps(xs, _mm512_maskz_loadu_ps(mask, e.w_scale + n0 + c));
+      __m512 y = _mm512_mul_ps(_mm512_cvtepi32_ps(a), scale);
+      if (e.bias != nullptr) {
+        y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(mask, e.bias + n0 + c));
+      }
+      _mm512_mask_storeu_ps(out_row + c, mask, y);
+    }
+  }
+}
+
+using TileFn = void (*)(const uint8_t*, int64_t, const int8_t*, int64_t, int32_t*);
+
+// Weight blocks per tile for MR activation rows: at most 24 accumulators, 8 for a single row.
+constexpr int max_tile_blocks(int rows) {
+  if (rows == 1) {
+    return 8;
+  }
+  if (rows <= 4) {
+    return 4;
+  }
+  return rows <= 6 ? 3 : 2;
+}
+
+template <int MR>
+TileFn avx512_tile_for_rows(int blocks) {
+  constexpr int kMaxBlocks = max_tile_blocks(MR);
+  static const TileFn table[8] = {
+      tile_avx512<MR, 1>,
+      kMaxBlocks >= 2 ? tile_avx512<MR, (kMaxBlocks >= 2 ? 2 : 1)> : nullptr,
+      kMaxBlocks >= 3 ? tile_avx512<MR, (kMaxBlocks >= 3 ? 3 : 1)> : nullptr,
+      kMaxBlocks >= 4 ? tile_avx512<MR, (kMaxBlocks >= 4 ? 4 : 1)> : nullptr,
+      kMaxBlocks >= 5 ? tile_avx512<MR, (kMaxBlocks >= 5 ? 5 : 1)> : nullptr,
+      kMaxBlocks >= 6 ? tile_avx512<MR, (kMaxBlocks >= 6 ? 6 : 1)> : nullptr,
+      kMaxBlocks >= 7 ? tile_avx512<MR, (kMaxBlocks >= 7 ? 7 : 1)> : nullptr,
+      kMaxBlocks >= 8 ? tile_avx512<MR, (kMaxBlocks >= 8 ? 8 : 1)> : nullptr,
+  };
+  return table[blocks - 1];
+}
+
+TileFn avx512_tile(int rows, int blocks) {
+  switch (rows) {
+    case 1:
+      return avx512_tile_for_rows<1>(blocks);
+    case 2:
+      return avx512_tile_for_rows<2>(blocks);
+    case 3:
+      return avx512_tile_for_rows<3>(blocks);
+    case 4:
+      return avx512_tile_for_rows<4>(blocks);
+    case 5:
+      return avx512_tile_for_rows<5>(blocks);
+    case 6:
+      return avx512_tile_for_rows<6>(blocks);
+    case 7:
+      return avx512_tile_for_rows<7>(blocks);
+    default:
+      return avx512_tile_for_rows<8>(blocks);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+
+struct TileShape {
+  int rows;    // activation rows per tile
+  int blocks;  // weight blocks of 16 columns per tile
+};
+
+TileShape tile_shape(Isa isa, int64_t m) {
+  if (isa == Isa::kAvx512Vnni) {
+    // One activation row uses 8 independent accumulators to cover the 4-cycle latency of
+    // vpdpbusd. Up to 8 rows share one pass over the weights, so small batches read them once,
+    // and larger batches reuse each weight load in tiles of 4 rows.
+    if (m <= 1) {
+      return {1, 8};
+    }
+    if (m <= 8) {
+      return {static_cast<int>(m), max_tile_blocks(static_cast<int>(m))};
+    }
+    return {4, 4};
+  }
+  if (isa == Isa::kAvx2) {
+    return {2, 1};
+  }
+  return {4, 1};
+}
+
+void check_weight(const at::Tensor& w_packed, const at::Tensor& w_sums, const at::Tensor& w_scale, int64_t k) {
+  TORCH_CHECK(w_packed.scalar_type() == at::kChar && w_packed.dim() == 4 && w_packed.size(2) == kBlockCols &&
+                  w_packed.size(3) == 4 && w_packed.is_contiguous(),
+              "int8_linear: expected w_packed to be a contiguous int8 tensor of shape (N_pad / 16, K_pad / 4, "
+              "16, 4), but got ",
+              w_packed.scalar_type(), " of shape ", w_packed.sizes());
+  TORCH_CHECK(w_scale.scalar_type() == at::kFloat && w_scale.dim() == 1 && w_scale.is_contiguous(),
+              "int8_linear: expected w_scale to be a contiguous float32 vector, but got ", w_scale.scalar_type(),
+              " of shape ", w_scale.sizes());
+  const int64_t n = w_scale.size(0);
+  TORCH_CHECK(w_packed.size(0) == (n + kBlockCols - 1) / kBlockCols,
+              "int8_linear: expected w_packed.size(0) == ceil(N / 16) == ", (n + kBlockCols - 1) / kBlockCols,
+              " for N = ", n, " output features, but got ", w_packed.size(0));
+  TORCH_CHECK(w_packed.size(1) == (k + 3) / 4, "int8_linear: the input's last dimension is K = ", k,
+              ", but w_packed holds ", w_packed.size(1), " groups of 4 inputs, for K in [",
+              4 * w_packed.size(1) - 3, ", ", 4 * w_packed.size(1), "]");
+  TORCH_CHECK(w_sums.scalar_type() == at::kInt && w_sums.dim() == 1 && w_sums.size(0) == n &&
+                  w_sums.is_contiguous(),
+              "int8_linear: expected w_sums to be a contiguous int32 vector of ", n, " elements, but got ",
+              w_sums.scalar_type(), " of shape ", w_sums.sizes());
+}
+
+at::Tensor int8_linear_cpu(const at::Tensor& x_in, const at::Tensor& w_packed, const at::Tensor& w_sums,
+                           const at::Tensor& w_scale, const std::optional<at::Tensor>& bias,
+                           const std::optional<at::Tensor>& x_scale,
+                           const std::optional<at::Tensor>& x_zero_point) {
+  const char* op = "int8_linear";
+  TORCH_CHECK(x_in.dim() >= 1, op, ": expected an input with at least 1 dimension, but got a 0-dim tensor");
+  const int64_t k = x_in.size(-1);
+  check_weight(w_packed, w_sums, w_scale, k);
+  const int64_t n = w_scale.size(0);
+  const int64_t groups = w_packed.size(1);
+  const int64_t col_blocks = w_packed.size(0);
+  const float* bias_ptr = bias_data(bias, n, op);
+
+  const at::Tensor x = rows_of(x_in, k, op);
+  const int64_t m = x.size(0);
+  const Isa isa = active_isa();
+  const QuantizedActivations qa = quantize_activations(x, groups * 4, x_scale, x_zero_point, isa, op);
+  at::Tensor out = at::empty({m, n}, x.options());
+
+  const Epilogue e{qa.scale.const_data_ptr<float>(), qa.zero_point.const_data_ptr<int32_t>(),
+                   w_sums.const_data_ptr<int32_t>(), w_scale.const_data_ptr<float>(), bias_ptr,
+                   out.mutable_data_ptr<float>(), n};
+  const uint8_t* q_ptr = qa.q.const_data_ptr<uint8_t>();
+  const int8_t* w_ptr = w_packed.const_data_ptr<int8_t>();
+  const int64_t ldx = groups * 4;
+  const int64_t block_bytes = groups * 64;
+
+  const TileShape shape = tile_shape(isa, m);
+  const int64_t row_tiles = (m + shape.rows - 1) / shape.rows;
+  const int64_t col_tiles = (col_blocks + shape.blocks - 1) / shape.blocks;
+  const int64_t macs_per_tile = std::max<int64_t>(1, shape.rows * shape.blocks * kBlockCols * ldx);
+  const int64_t grain = std::max<int64_t>(1, (1 << 16) / macs_per_tile);
+
+  // Tiles are ordered column tile first, so consecutive tiles reuse one weight panel from cache.
+  // NOTE: there is no blocking over K, so each 4-row tile streams its whole weight panel from
+  // L2; at large M (512 and more) this is slower than torch._int_mm's oneDNN kernel.
+  at::parallel_for(0, row_tiles * col_tiles, grain, [&](int64_t begin, int64_t end) {
+    alignas(64) int32_t acc[kMaxTileRows * kAccStride];
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t col_tile = t / row_tiles;
+      const int64_t row_tile = t % row_tiles;
+      const int64_t m0 = row_tile * shape.rows;
+      const int rows = static_cast<int>(std::min<int64_t>(shape.rows, m - m0));
+      const int64_t b0 = col_tile * shape.blocks;
+      const int blocks = static_cast<int>(std::min<int64_t>(shape.blocks, col_blocks - b0));
+      const int64_t n0 = b0 * kBlockCols;
+      const int64_t cols = std::min<int64_t>(blocks * kBlockCols, n - n0);
+      const uint8_t* qx = q_ptr + m0 * ldx;
+      const int8_t* w = w_ptr + b0 * block_bytes;
+
+      if (isa == Isa::kAvx512Vnni) {
+        avx512_tile(rows, blocks)(qx, ldx, w, groups, acc);
+        epilogue_avx512(acc, rows, m0, n0, cols, e);
+      } else if (isa == Isa::kAvx2) {
+        if (rows == 2) {
+          tile_avx2<2>(qx, ldx, w, groups, acc);
+        } else {
+          tile_avx2<1>(qx, ldx, w, groups, acc);
+        }
+        epilogue_scalar(acc, rows, m0, n0, cols, e);
+      } else {
+        tile_scalar(qx, ldx, w, groups, rows, blocks, acc);
+        epilogue_scalar(acc, rows, m0, n0, cols, e);
+      }
+    }
+  });
+  return out.view(output_shape(x_in, n));
+}
+
+}  // namespace
+}  // namespace weightlight
+
+TORCH_LIBRARY_IMPL(weightlight, CPU, m) { m.impl("int8_linear", &weightlight::int8_linear_cpu); }

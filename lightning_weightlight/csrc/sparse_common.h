@@ -1,0 +1,15 @@
+// Checks of the block-compressed sparse row (BSR) weight format shared by the sparse kernels.
+#pragma once
+
+#include <cstdint>
+
+#include <ATen/core/Tensor.h>
+
+namespace weightlight {
+
+// Check row_ptr (int32, block_rows + 1, non-decreasing from 0 to nblocks) and col_idx (int16
+// holding unsigned block column indices, each below block_cols_total).
+void check_block_rows(const at::Tensor& row_ptr, const at::Tensor& col_idx, int64_t block_rows,
+                      int64_t block_cols_total, const char* op);
+
+}  // namespace weightlight

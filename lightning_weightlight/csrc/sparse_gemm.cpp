@@ -1,0 +1,436 @@
+// Sparse fp32 GEMM: y = x @ W.T + bias with W (N, K) in block-compressed sparse rows.
+//
+// Format (built in Python by kernels/packing.py): blocks of R output rows by C input columns,
+// R x C in {1x1, 1x4, 4x1, 8x1, 16x16}.
+//   row_ptr  int32 (ceil(N / R) + 1): blocks of block row i are row_ptr[i] .. row_ptr[i + 1]
+//   col_idx  int16 (nblocks): the block's first input column divided by C, read as unsigned
+//   values   float32 (nblocks, C, R): column-major inside a block, so R outputs share one input
+// Rows past N and inputs past K inside a block are zero.
+//
+// The activations are repacked into chunks of `width` tokens, (chunks, K_pad, width), so that
+// one block entry multiplies a vector of 16 or 32 tokens (AVX-512) or 8 or 16 (AVX2), and one
+// chunk (K_pad * width floats) stays in cache while every block row passes over it. With a
+// single token the AVX-512 kernels gather inputs instead (width 1).
+// Each output is summed by one thread in a fixed order, whatever the thread count.
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstring>
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include "gemm_common.h"
+#include "isa.h"
+#include "sparse_common.h"
+
+namespace weightlight {
+namespace {
+
+struct SparseArgs {
+  const int32_t* row_ptr;
+  const uint16_t* col_idx;
+  const float* values;
+  const float* xt;  // (chunks, K_pad, width)
+  const float* bias;
+  float* out;  // (M, N)
+  int64_t m;
+  int64_t n;
+  int64_t k_pad;
+  int64_t width;
+  int r;
+  int c;
+};
+
+inline float bias_at(const SparseArgs& a, int64_t n) { return a.bias == nullptr ? 0.0f : a.bias[n]; }
+
+// ---------------------------------------------------------------------------------------------
+// Scalar (width 1: chunk i is token i)
+
+void block_row_scalar(const SparseArgs& a, int64_t br, int64_t token) {
+  const int64_t n0 = br * a.r;
+  const int rows = static_cast<int>(std::min<int64_t>(a.r, a.n - n0));
+  const float* x = a.xt + token * a.k_pad;
+  float acc[16] = {};
+  for (int32_t b = a.row_ptr[br]; b < a.row_ptr[br + 1]; ++b) {
+    const int64_t col0 = static_cast<int64_t>(a.col_idx[b]) * a.c;
+    const float* vals = a.values + static_cast<int64_t>(b) * a.r * a.c;
+    for (int c = 0; c < a.c; ++c) {
+      for (int r = 0; r < a.r; ++r) {
+        acc[r] += vals[c * a.r + r] * x[col0 + c];
+      }
+    }
+  }
+  for (int r = 0; r < rows; ++r) {
+    a.out[token * a.n + n0 + r] = acc[r] + bias_at(a, n0 + r);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// AVX2: chunks of 8 * V tokens.
+
+template <int R, int C, int V>
+__attribute__((target("avx2,fma"))) void block_row_avx2(const SparseArgs& a, int64_t br, int64_t chunk) {
+  constexpr int64_t kWidth = 8 * V;
+  const int64_t n0 = br * R;
+  const int rows = static_cast<int>(std::min<int64_t>(R, a.n - n0));
+  const float* x = a.xt + chunk * a.k_pad * kWidth;
+  __m256 acc[R][V];
+  for (int r = 0; r < R; ++r) {
+    for (int v = 0; v < V; ++v) {
+      acc[r][v] = _mm256_setzero_ps();
+    }
+  }
+  for (int32_t b = a.row_ptr[br]; b < a.row_ptr[br + 1]; ++b) {
+    const int64_t col0 = static_cast<int64_t>(a.col_idx[b]) * C;
+    const float* vals = a.values + static_cast<int64_t>(b) * R * C;
+    for (int c = 0; c < C; ++c) {
+      const float* x_row = x + (col0 + c) * kWidth;
+      __m256 xv[V];
+      for (int v = 0; v < V; ++v) {
+        xv[v] = _mm256_loadu_ps(x_row + 8 * v);
+      }
+      for (int r = 0; r < R; ++r) {
+        const __m256 wv = _mm256_broadcast_ss(vals + c * R + r);
+        for (int v = 0; v < V; ++v) {
+          acc[r][v] = _mm256_fmadd_ps(wv, xv[v], acc[r][v]);
+        }
+      }
+    }
+  }
+  const int64_t m0 = chunk * kWidth;
+  alignas(32) float lanes[8];
+  for (int r = 0; r < rows; ++r) {
+    const float bias = bias_at(a, n0 + r);
+    for (int v = 0; v < V; ++v) {
+      _mm256_store_ps(lanes, acc[r][v]);
+      const int64_t count = std::min<int64_t>(8, a.m - m0 - 8 * v);
+      for (int64_t l = 0; l < count; ++l) {
+        a.out[(m0 + 8 * v + l) * a.n + n0 + r] = lanes[l] + bias;
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// AVX-512: chunks of 16 * V tokens.
+
+__attribute__((target("avx512f"))) inline __mmask16 tail_mask_avx512(int64_t lanes) {
+  return lanes >= 16 ? static_cast<__mmask16>(0xFFFF)
+                     : lanes <= 0 ? static_cast<__mmask16>(0) : static_cast<__mmask16>((1u << lanes) - 1u);
+}
+
+// S sets of accumulators take the blocks in turn, so that S * R * V independent FMA chains hide
+// the 4-cycle FMA latency when a block has few outputs and the batch is small.
+template <int R, int C, int V, int S>
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void block_row_avx512(const SparseArgs& a, int64_t br,
+                                                                           int64_t chunk) {
+  constexpr int64_t kWidth = 16 * V;
+  const int64_t n0 = br * R;
+  const int rows = static_cast<int>(std::min<int64_t>(R, a.n - n0));
+  const float* x = a.xt + chunk * a.k_pad * kWidth;
+  const int32_t begin = a.row_ptr[br];
+  const int32_t end = a.row_ptr[br + 1];
+  __m512 acc[S][R][V];
+  for (int set = 0; set < S; ++set) {
+    for (int r = 0; r < R; ++r) {
+      for (int v = 0; v < V; ++v) {
+        acc[set][r][v] = _mm512_setzero_ps();
+      }
+    }
+  }
+  int32_t b = begin;
+  for (; b + S <= end; b += S) {
+    for (int set = 0; set < S; ++set) {
+      const int64_t col0 = static_cast<int64_t>(a.col_idx[b + set]) * C;
+      const float* vals = a.values + static_cast<int64_t>(b + set) * R * C;
+      for (int c = 0; c < C; ++c) {
+        const float* x_row = x + (col0 + c) * kWidth;
+        __m512 xv[V];
+        for (int v = 0; v < V; ++v) {
+          xv[v] = _mm512_loadu_ps(x_row + 16 * v);
+        }
+        for (int r = 0; r < R; ++r) {
+          const __m512 wv = _mm512_set1_ps(vals[c * R + r]);
+          for (int v = 0; v < V; ++v) {
+            acc[set][r][v] = _mm512_fmadd_ps(wv, xv[v], acc[set][r][v]);
+          }
+        }
+      }
+    }
+  }
+  for (; b < end; ++b) {
+    const int64_t col0 = static_cast<int64_t>(a.col_idx[b]) * C;
+    const float* vals = a.values + static_cast<int64_t>(b) * R * C;
+    for (int c = 0; c < C; ++c) {
+      const float* x_row = x + (col0 + c) * kWidth;
+      for (int v = 0; v < V; ++v) {
+        const __m512 xv = _mm512_loadu_ps(x_row + 16 * v);
+        for (int r = 0; r < R; ++r) {
+          acc[0][r][v] = _mm512_fmadd_ps(_mm512_set1_ps(vals[c * R + r]), xv, acc[0][r][v]);
+        }
+      }
+    }
+  }
+  const int64_t m0 = chunk * kWidth;
+  const __m512i offsets = _mm512_mullo_epi32(
+      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32(a.n));
+  for (int r = 0; r < rows; ++r) {
+    const __m512 bias = _mm512_set1_ps(bias_at(a, n0 + r));
+    for (int v = 0; v < V; ++v) {
+      __m512 sum = acc[0][r][v];
+      for (int set = 1; set < S; ++set) {
+        sum = _mm512_add_ps(sum, acc[set][r][v]);
+      }
+      const __mmask16 mask = tail_mask_avx512(a.m - m0 - 16 * v);
+      _mm512_mask_i32scatter_ps(a.out + (m0 + 16 * v) * a.n + n0 + r, mask, offsets, _mm512_add_ps(sum, bias), 4);
+    }
+  }
+}
+
+// Input indices of the 16 values starting at value i of a row, of which `valid` are in the row.
+// For C = 4, lane l reads input 4 * idx[l / 4] + l % 4.
+template <int C>
+__attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m512i gather_indices(const uint16_t* idx, int64_t i,
+                                                                                   int64_t valid) {
+  if constexpr (C == 1) {
+    return _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(tail_mask_avx512(valid), idx + i));
+  } else {
+    const __m512i spread = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+    const __m512i within = _mm512_setr_epi32(0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3);
+    const __mmask16 block_mask = tail_mask_avx512((valid + 3) / 4);
+    __m512i blocks = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(block_mask, idx + i / 4));
+    return _mm512_add_epi32(_mm512_slli_epi32(_mm512_permutexvar_epi32(spread, blocks), 2), within);
+  }
+}
+
+// Unstructured and 1x4 blocks at M = 1: gather 16 inputs per step, two accumulators in turn.
+template <int R, int C>
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void single_row_gather_avx512(const SparseArgs& a,
+                                                                                   int64_t n, int64_t) {
+  static_assert(R == 1, "the gather kernel computes one output per block row");
+  const int32_t begin = a.row_ptr[n];
+  const int64_t count = static_cast<int64_t>(a.row_ptr[n + 1] - begin) * C;  // values in this row
+  const float* vals = a.values + static_cast<int64_t>(begin) * C;
+  const uint16_t* idx = a.col_idx + begin;
+  __m512 acc0 = _mm512_setzero_ps();
+  __m512 acc1 = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 32 <= count; i += 32) {
+    __m512 x0 = _mm512_i32gather_ps(gather_indices<C>(idx, i, 16), a.xt, 4);
+    __m512 x1 = _mm512_i32gather_ps(gather_indices<C>(idx, i + 16, 16), a.xt, 4);
+    acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(vals + i), x0, acc0);
+    acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(vals + i + 16), x1, acc1);
+  }
+  for (; i < count; i += 16) {
+    const __mmask16 mask = tail_mask_avx512(count - i);
+    __m512 xv = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mask, gather_indices<C>(idx, i, count - i), a.xt, 4);
+    acc0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, vals + i), xv, acc0);
+  }
+  a.out[n] = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) + bias_at(a, n);
+}
+
+// Column blocks (R > 1) at M = 1: each input feeds R outputs, held in the lanes of one vector.
+template <int R, int C>
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void single_row_blocks_avx512(const SparseArgs& a,
+                                                                                   int64_t br, int64_t) {
+  const int64_t n0 = br * R;
+  const int rows = static_cast<int>(std::min<int64_t>(R, a.n - n0));
+  const __mmask16 lanes = tail_mask_avx512(R);
+  __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+  int step = 0;
+  for (int32_t b = a.row_ptr[br]; b < a.row_ptr[br + 1]; ++b) {
+    const int64_t col0 = static_cast<int64_t>(a.col_idx[b]) * C;
+    const float* vals = a.values + static_cast<int64_t>(b) * R * C;
+    for (int c = 0; c < C; ++c) {
+      __m512 wv = _mm512_maskz_loadu_ps(lanes, vals + c * R);
+      acc[step & 3] = _mm512_fmadd_ps(wv, _mm512_set1_ps(a.xt[col0 + c]), acc[step & 3]);
+      ++step;
+    }
+  }
+  __m512 sum = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
+  const __mmask16 out_lanes = tail_mask_avx512(rows);
+  if (a.bias != nullptr) {
+    sum = _mm512_add_ps(sum, _mm512_maskz_loadu_ps(out_lanes, a.bias + n0));
+  }
+  _mm512_mask_storeu_ps(a.out + n0, out_lanes, sum);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Kernel choice
+
+using BlockRowFn = void (*)(const SparseArgs&, int64_t, int64_t);
+
+struct KernelChoice {
+  BlockRowFn fn;
+  int64_t width;  // tokens per activation chunk
+};
+
+// Accumulator sets for one vector of tokens: enough for 4 or more independent FMA chains.
+constexpr int accumulator_sets(int rows) {
+  if (rows == 1) {
+    return 4;
+  }
+  return rows == 4 ? 2 : 1;
+}
+
+template <int R, int C>
+KernelChoice avx512_kernel(int64_t m) {
+  if (m == 1) {
+    if constexpr (R == 1) {
+      return {single_row_gather_avx512<R, C>, 1};
+    } else {
+      return {single_row_blocks_avx512<R, C>, 1};
+    }
+  }
+  // One vector of 16 tokens for small batches, two (a 32-token chunk) above.
+  if (m <= 16) {
+    constexpr int kSets = accumulator_sets(R);
+    return {block_row_avx512<R, C, 1, kSets>, 16};
+  }
+  constexpr int kSets = R == 1 ? 2 : 1;
+  return {block_row_avx512<R, C, (R == 16 ? 1 : 2), kSets>, R == 16 ? 16 : 32};
+}
+
+template <int R, int C>
+KernelChoice avx2_kernel(int64_t m) {
+  if (m <= 8 || R >= 8) {
+    return {block_row_avx2<R, C, 1>, 8};
+  }
+  return {block_row_avx2<R, C, 2>, 16};
+}
+
+KernelChoice pick_kernel(Isa isa, int r, int c, int64_t m) {
+  const int shape = r * 100 + c;
+  if (isa == Isa::kAvx512Vnni) {
+    switch (shape) {
+      case 101:
+        return avx512_kernel<1, 1>(m);
+      case 104:
+        return avx512_kernel<1, 4>(m);
+      case 401:
+        return avx512_kernel<4, 1>(m);
+      case 801:
+        return avx512_kernel<8, 1>(m);
+      default:
+        return avx512_kernel<16, 16>(m);
+    }
+  }
+  if (isa == Isa::kAvx2) {
+    switch (shape) {
+      case 101:
+        return avx2_kernel<1, 1>(m);
+      case 104:
+        return avx2_kernel<1, 4>(m);
+      case 401:
+        return avx2_kernel<4, 1>(m);
+      case 801:
+        return avx2_kernel<8, 1>(m);
+      default:
+        return avx2_kernel<16, 16>(m);
+    }
+  }
+  return {block_row_scalar, 1};
+}
+
+// Write x (M, K) into xt (chunks, K_pad, width): token t is lane t % width of chunk t / width.
+// Lanes past M and rows past K are zero.
+void pack_activations(const float* x, int64_t m, int64_t k, int64_t k_pad, int64_t width, float* xt) {
+  constexpr int64_t kTile = 64;
+  const int64_t chunks = (m + width - 1) / width;
+  const int64_t col_tiles = (k_pad + kTile - 1) / kTile;
+  at::parallel_for(0, chunks * col_tiles, std::max<int64_t>(1, 4096 / (kTile * width)), [&](int64_t begin,
+                                                                                             int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t chunk = task / col_tiles;
+      const int64_t c0 = (task % col_tiles) * kTile;
+      const int64_t c1 = std::min(k_pad, c0 + kTile);
+      float* dst = xt + chunk * k_pad * width;
+      for (int64_t lane = 0; lane < width; ++lane) {
+        const int64_t token = chunk * width + lane;
+        for (int64_t col = c0; col < c1; ++col) {
+          dst[col * width + lane] = token < m && col < k ? x[token * k + col] : 0.0f;
+        }
+      }
+    }
+  });
+}
+
+bool supported_block(int64_t r, int64_t c) {
+  return (r == 1 && c == 1) || (r == 1 && c == 4) || (r == 4 && c == 1) || (r == 8 && c == 1) ||
+         (r == 16 && c == 16);
+}
+
+at::Tensor sparse_linear_cpu(const at::Tensor& x_in, const at::Tensor& row_ptr, const at::Tensor& col_idx,
+                             const at::Tensor& values, const std::optional<at::Tensor>& bias,
+                             int64_t out_features) {
+  const char* op = "sparse_linear";
+  TORCH_CHECK(values.scalar_type() == at::kFloat && values.dim() == 3 && values.is_contiguous(), op,
+              ": expected values to be a contiguous float32 tensor of shape (nblocks, C, R), but got ",
+              values.scalar_type(), " of shape ", values.sizes());
+  const int64_t c = values.size(1);
+  const int64_t r = values.size(2);
+  TORCH_CHECK(supported_block(r, c), op, ": expected a block shape R x C in 1x1, 1x4, 4x1, 8x1, 16x16, but got ",
+              r, "x", c);
+  TORCH_CHECK(out_features >= 0, op, ": expected out_features >= 0, but got ", out_features);
+  TORCH_CHECK(x_in.dim() >= 1, op, ": expected an input with at least 1 dimension, but got a 0-dim tensor");
+  const int64_t k = x_in.size(-1);
+  const int64_t n = out_features;
+  const int64_t block_rows = (n + r - 1) / r;
+  const int64_t block_cols = (k + c - 1) / c;
+  check_block_rows(row_ptr, col_idx, block_rows, block_cols, op);
+  TORCH_CHECK(values.size(0) == col_idx.size(0), op, ": expected one value block per column index (",
+              col_idx.size(0), "), but got ", values.size(0));
+  const float* bias_ptr = bias_data(bias, n, op);
+
+  const at::Tensor x = rows_of(x_in, k, op);
+  const int64_t m = x.size(0);
+  const int64_t k_pad = block_cols * c;
+  const Isa isa = active_isa();
+  const KernelChoice choice = pick_kernel(isa, static_cast<int>(r), static_cast<int>(c), m);
+  const int64_t chunks = (m + choice.width - 1) / choice.width;
+  at::Tensor xt;
+  if (choice.width == 1 && k_pad == k) {
+    xt = x;  // rows of x are already chunks of one token
+  } else {
+    xt = at::empty({chunks, k_pad, choice.width}, x.options());
+    pack_activations(x.const_data_ptr<float>(), m, k, k_pad, choice.width, xt.mutable_data_ptr<float>());
+  }
+  at::Tensor out = at::empty({m, n}, x.options());
+
+  const SparseArgs args{row_ptr.const_data_ptr<int32_t>(),
+                        reinterpret_cast<const uint16_t*>(col_idx.const_data_ptr<int16_t>()),
+                        values.const_data_ptr<float>(),
+                        xt.const_data_ptr<float>(),
+                        bias_ptr,
+                        out.mutable_data_ptr<float>(),
+                        m,
+                        n,
+                        k_pad,
+                        choice.width,
+                        static_cast<int>(r),
+                        static_cast<int>(c)};
+  // Tasks run chunk by chunk, so that one activation chunk serves every block row from cache.
+  const int64_t blocks_per_row = std::max<int64_t>(1, col_idx.size(0) / std::max<int64_t>(block_rows, 1));
+  const int64_t grain = std::max<int64_t>(1, (1 << 15) / (blocks_per_row * r * c * choice.width));
+  at::parallel_for(0, chunks * block_rows, grain, [&](int64_t begin, int64_t end) {
+    // Task t is block row t % block_rows of chunk t / block_rows, stepped without divisions.
+    int64_t chunk = begin / block_rows;
+    int64_t br = begin - chunk * block_rows;
+    for (int64_t task = begin; task < end; ++task) {
+      choice.fn(args, br, chunk);
+      if (++br == block_rows) {
+        br = 0;
+        ++chunk;
+      }
+    }
+  });
+  return out.view(output_shape(x_in, n));
+}
+
+}  // namespace
+}  // namespace weightlight
+
+TORCH_LIBRARY_IMPL(weightlight, CPU, m) { m.impl("sparse_linear", &weightlight::sparse_linear_cpu); }

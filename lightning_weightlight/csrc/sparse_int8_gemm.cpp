@@ -1,0 +1,315 @@
+// Sparse int8 GEMM: the int8 numerics of int8_gemm.cpp over a sparse int8 weight.
+//
+// Format (built in Python by kernels/packing.py): the weight is split into groups of 4
+// consecutive inputs of one output row (1x4 blocks, the operand of vpdpbusd), and only the
+// groups that contain a nonzero are kept.
+//   row_ptr    int32 (N + 1): groups of output row n are row_ptr[n] .. row_ptr[n + 1]
+//   group_idx  int16 (ngroups): the group's first input divided by 4, read as unsigned
+//   values     int8 (ngroups, 4): inputs past K are zero
+//   w_sums     int32 (N,): per-row sums of the int8 weight, for the zero-point correction
+//
+// With several tokens the uint8 activations are repacked into chunks of `width` tokens,
+// (chunks, K_pad / 4, width) words of 4 inputs, and one group multiplies a vector of 16 or
+// more tokens (AVX-512) or 8 or 16 (AVX2). With a single token the AVX-512 kernel gathers 16
+// groups' inputs at a time.
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstring>
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include "gemm_common.h"
+#include "isa.h"
+#include "sparse_common.h"
+
+namespace weightlight {
+namespace {
+
+struct SparseInt8Args {
+  const int32_t* row_ptr;
+  const uint16_t* group_idx;
+  const int32_t* values;  // one word of 4 int8 per group
+  const int32_t* xw;      // (chunks, K_pad / 4, width) words; width 1 is the quantized rows
+  const uint8_t* q;       // (M, K_pad) uint8
+  int64_t k_pad;
+  const float* x_scale;
+  const int32_t* x_zero_point;
+  const int32_t* w_sums;
+  const float* w_scale;
+  const float* bias;
+  float* out;  // (M, N)
+  int64_t m;
+  int64_t n;
+  int64_t groups;
+};
+
+inline float dequantize(const SparseInt8Args& a, int32_t acc, int64_t m, int64_t n) {
+  const int32_t centered = static_cast<int32_t>(static_cast<uint32_t>(acc) -
+                                                static_cast<uint32_t>(a.x_zero_point[m]) *
+                                                    static_cast<uint32_t>(a.w_sums[n]));
+  float y = static_cast<float>(centered) * (a.x_scale[m] * a.w_scale[n]);
+  return a.bias == nullptr ? y : y + a.bias[n];
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scalar
+
+void row_scalar(const SparseInt8Args& a, int64_t n, int64_t m) {
+  uint32_t sum = 0;
+  const uint8_t* q_row = a.q + m * a.k_pad;
+  for (int32_t b = a.row_ptr[n]; b < a.row_ptr[n + 1]; ++b) {
+    const uint8_t* xg = q_row + static_cast<int64_t>(a.group_idx[b]) * 4;
+    const int8_t* wg = reinterpret_cast<const int8_t*>(a.values + b);
+    for (int j = 0; j < 4; ++j) {
+      sum += static_cast<uint32_t>(static_cast<int32_t>(xg[j]) * static_cast<int32_t>(wg[j]));
+    }
+  }
+  a.out[m * a.n + n] = dequantize(a, static_cast<int32_t>(sum), m, n);
+}
+
+// ---------------------------------------------------------------------------------------------
+// AVX2: the bytes of a word are split into even and odd int16 halves and multiplied with
+// vpmaddwd, so that no product saturates.
+
+template <int V>
+__attribute__((target("avx2,fma"))) void row_avx2(const SparseInt8Args& a, int64_t n, int64_t chunk) {
+  constexpr int64_t kWidth = 8 * V;
+  const __m256i low_bytes = _mm256_set1_epi32(0x00FF00FF);
+  const int32_t* x = a.xw + chunk * a.groups * kWidth;
+  __m256i acc[V];
+  for (int v = 0; v < V; ++v) {
+    acc[v] = _mm256_setzero_si256();
+  }
+  for (int32_t b = a.row_ptr[n]; b < a.row_ptr[n + 1]; ++b) {
+    const __m256i w = _mm256_set1_epi32(a.values[b]);
+    const __m256i w_even = _mm256_srai_epi16(_mm256_slli_epi16(w, 8), 8);
+    const __m256i w_odd = _mm256_srai_epi16(w, 8);
+    const int32_t* x_row = x + static_cast<int64_t>(a.group_idx[b]) * kWidth;
+    for (int v = 0; v < V; ++v) {
+      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x_row + 8 * v));
+      const __m256i x_even = _mm256_and_si256(xv, low_bytes);
+      const __m256i x_odd = _mm256_srli_epi16(xv, 8);
+      acc[v] = _mm256_add_epi32(acc[v], _mm256_add_epi32(_mm256_madd_epi16(x_even, w_even),
+                                                         _mm256_madd_epi16(x_odd, w_odd)));
+    }
+  }
+  const int64_t m0 = chunk * kWidth;
+  alignas(32) int32_t lanes[8];
+  for (int v = 0; v < V; ++v) {
+    _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), acc[v]);
+    const int64_t count = std::min<int64_t>(8, a.m - m0 - 8 * v);
+    for (int64_t l = 0; l < count; ++l) {
+      const int64_t m = m0 + 8 * v + l;
+      a.out[m * a.n + n] = dequantize(a, lanes[l], m, n);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// AVX-512 VNNI
+
+__attribute__((target("avx512f"))) inline __mmask16 tail_mask(int64_t lanes) {
+  return lanes >= 16 ? static_cast<__mmask16>(0xFFFF)
+                     : lanes <= 0 ? static_cast<__mmask16>(0) : static_cast<__mmask16>((1u << lanes) - 1u);
+}
+
+// Several tokens: two sets of V accumulators take the groups in turn, to hide the latency.
+template <int V>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void row_avx512(const SparseInt8Args& a, int64_t n,
+                                                                                int64_t chunk) {
+  constexpr int64_t kWidth = 16 * V;
+  const int32_t begin = a.row_ptr[n];
+  const int32_t end = a.row_ptr[n + 1];
+  const int32_t* x = a.xw + chunk * a.groups * kWidth;
+  __m512i acc0[V];
+  __m512i acc1[V];
+  for (int v = 0; v < V; ++v) {
+    acc0[v] = _mm512_setzero_si512();
+    acc1[v] = _mm512_setzero_si512();
+  }
+  int32_t b = begin;
+  for (; b + 2 <= end; b += 2) {
+    const __m512i w0 = _mm512_set1_epi32(a.values[b]);
+    const __m512i w1 = _mm512_set1_epi32(a.values[b + 1]);
+    const int32_t* x0 = x + static_cast<int64_t>(a.group_idx[b]) * kWidth;
+    const int32_t* x1 = x + static_cast<int64_t>(a.group_idx[b + 1]) * kWidth;
+    for (int v = 0; v < V; ++v) {
+      acc0[v] = _mm512_dpbusd_epi32(acc0[v], _mm512_loadu_si512(x0 + 16 * v), w0);
+      acc1[v] = _mm512_dpbusd_epi32(acc1[v], _mm512_loadu_si512(x1 + 16 * v), w1);
+    }
+  }
+  if (b < end) {
+    const __m512i w0 = _mm512_set1_epi32(a.values[b]);
+    const int32_t* x0 = x + static_cast<int64_t>(a.group_idx[b]) * kWidth;
+    for (int v = 0; v < V; ++v) {
+      acc0[v] = _mm512_dpbusd_epi32(acc0[v], _mm512_loadu_si512(x0 + 16 * v), w0);
+    }
+  }
+  const __m512i offsets = _mm512_mullo_epi32(
+      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32(a.n));
+  const __m512 w_scale = _mm512_set1_ps(a.w_scale[n]);
+  const __m512i w_sum = _mm512_set1_epi32(a.w_sums[n]);
+  const __m512 bias = _mm512_set1_ps(a.bias == nullptr ? 0.0f : a.bias[n]);
+  for (int v = 0; v < V; ++v) {
+    const int64_t m = chunk * kWidth + 16 * v;
+    const __mmask16 mask = tail_mask(a.m - m);
+    const __m512i zp = _mm512_maskz_loadu_epi32(mask, a.x_zero_point + m);
+    const __m512 xs = _mm512_maskz_loadu_ps(mask, a.x_scale + m);
+    __m512i centered = _mm512_sub_epi32(_mm512_add_epi32(acc0[v], acc1[v]), _mm512_mullo_epi32(zp, w_sum));
+    __m512 y = _mm512_mul_ps(_mm512_cvtepi32_ps(centered), _mm512_mul_ps(xs, w_scale));
+    _mm512_mask_i32scatter_ps(a.out + m * a.n + n, mask, offsets, _mm512_add_ps(y, bias), 4);
+  }
+}
+
+// One token: gather the activation words of 16 groups and multiply them with 16 weight words.
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void single_row_avx512(const SparseInt8Args& a,
+                                                                                       int64_t n, int64_t) {
+  const int32_t begin = a.row_ptr[n];
+  const int64_t count = a.row_ptr[n + 1] - begin;
+  const uint16_t* idx = a.group_idx + begin;
+  const int32_t* vals = a.values + begin;
+  __m512i acc0 = _mm512_setzero_si512();
+  __m512i acc1 = _mm512_setzero_si512();
+  int64_t i = 0;
+  for (; i + 32 <= count; i += 32) {
+    __m512i g0 = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(idx + i)));
+    __m512i g1 = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(idx + i + 16)));
+    acc0 = _mm512_dpbusd_epi32(acc0, _mm512_i32gather_epi32(g0, a.xw, 4), _mm512_loadu_si512(vals + i));
+    acc1 = _mm512_dpbusd_epi32(acc1, _mm512_i32gather_epi32(g1, a.xw, 4), _mm512_loadu_si512(vals + i + 16));
+  }
+  for (; i < count; i += 16) {
+    const __mmask16 mask = tail_mask(count - i);
+    __m512i g = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, idx + i));
+    __m512i xv = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), mask, g, a.xw, 4);
+    acc0 = _mm512_dpbusd_epi32(acc0, xv, _mm512_maskz_loadu_epi32(mask, vals + i));
+  }
+  a.out[n] = dequantize(a, _mm512_reduce_add_epi32(_mm512_add_epi32(acc0, acc1)), 0, n);
+}
+
+// Write the words of q (M, K_pad) into xw (chunks, K_pad / 4, width): token t is lane t % width
+// of chunk t / width. Lanes past M are zero.
+void pack_words(const uint8_t* q, int64_t m, int64_t k_pad, int64_t width, int32_t* xw) {
+  constexpr int64_t kTile = 64;
+  const int64_t groups = k_pad / 4;
+  const int64_t chunks = (m + width - 1) / width;
+  const int64_t group_tiles = (groups + kTile - 1) / kTile;
+  at::parallel_for(0, chunks * group_tiles, std::max<int64_t>(1, 4096 / (kTile * width)), [&](int64_t begin,
+                                                                                               int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t chunk = task / group_tiles;
+      const int64_t g0 = (task % group_tiles) * kTile;
+      const int64_t g1 = std::min(groups, g0 + kTile);
+      int32_t* dst = xw + chunk * groups * width;
+      for (int64_t lane = 0; lane < width; ++lane) {
+        const int64_t token = chunk * width + lane;
+        for (int64_t g = g0; g < g1; ++g) {
+          int32_t word = 0;
+          if (token < m) {
+            std::memcpy(&word, q + token * k_pad + 4 * g, 4);
+          }
+          dst[g * width + lane] = word;
+        }
+      }
+    }
+  });
+}
+
+at::Tensor sparse_int8_linear_cpu(const at::Tensor& x_in, const at::Tensor& row_ptr, const at::Tensor& group_idx,
+                                  const at::Tensor& values, const at::Tensor& w_sums, const at::Tensor& w_scale,
+                                  const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& x_scale,
+                                  const std::optional<at::Tensor>& x_zero_point) {
+  const char* op = "sparse_int8_linear";
+  TORCH_CHECK(w_scale.scalar_type() == at::kFloat && w_scale.dim() == 1 && w_scale.is_contiguous(), op,
+              ": expected w_scale to be a contiguous float32 vector, but got ", w_scale.scalar_type(), " of shape ",
+              w_scale.sizes());
+  const int64_t n = w_scale.size(0);
+  TORCH_CHECK(w_sums.scalar_type() == at::kInt && w_sums.dim() == 1 && w_sums.size(0) == n &&
+                  w_sums.is_contiguous(),
+              op, ": expected w_sums to be a contiguous int32 vector of ", n, " elements, but got ",
+              w_sums.scalar_type(), " of shape ", w_sums.sizes());
+  TORCH_CHECK(values.scalar_type() == at::kChar && values.dim() == 2 && values.size(1) == 4 &&
+                  values.is_contiguous() && values.size(0) == group_idx.size(0),
+              op, ": expected values to be a contiguous int8 tensor of shape (", group_idx.size(0),
+              ", 4), one row per group index, but got ", values.scalar_type(), " of shape ", values.sizes());
+  TORCH_CHECK(x_in.dim() >= 1, op, ": expected an input with at least 1 dimension, but got a 0-dim tensor");
+  const int64_t k = x_in.size(-1);
+  const int64_t groups = (k + 3) / 4;
+  check_block_rows(row_ptr, group_idx, n, groups, op);
+  const float* bias_ptr = bias_data(bias, n, op);
+
+  const at::Tensor x = rows_of(x_in, k, op);
+  const int64_t m = x.size(0);
+  const int64_t k_pad = groups * 4;
+  const Isa isa = active_isa();
+  const QuantizedActivations qa = quantize_activations(x, k_pad, x_scale, x_zero_point, isa, op);
+  const uint8_t* q_ptr = qa.q.const_data_ptr<uint8_t>();
+
+  void (*kernel)(const SparseInt8Args&, int64_t, int64_t) = row_scalar;
+  int64_t width = 1;  // the scalar kernel and the single-token kernel read the rows of q
+  if (isa == Isa::kAvx512Vnni) {
+    if (m == 1) {
+      kernel = single_row_avx512;
+    } else if (m <= 16) {
+      kernel = row_avx512<1>;
+      width = 16;
+    } else {
+      kernel = row_avx512<2>;
+      width = 32;
+    }
+  } else if (isa == Isa::kAvx2) {
+    kernel = m <= 8 ? row_avx2<1> : row_avx2<2>;
+    width = m <= 8 ? 8 : 16;
+  }
+  const int64_t chunks = (m + width - 1) / width;
+  at::Tensor xw;
+  const int32_t* xw_ptr = reinterpret_cast<const int32_t*>(q_ptr);
+  if (width > 1) {
+    xw = at::empty({chunks, groups, width}, x.options().dtype(at::kInt));
+    pack_words(q_ptr, m, k_pad, width, xw.mutable_data_ptr<int32_t>());
+    xw_ptr = xw.const_data_ptr<int32_t>();
+  }
+  at::Tensor out = at::empty({m, n}, x.options());
+
+  const SparseInt8Args args{row_ptr.const_data_ptr<int32_t>(),
+                            reinterpret_cast<const uint16_t*>(group_idx.const_data_ptr<int16_t>()),
+                            reinterpret_cast<const int32_t*>(values.const_data_ptr<int8_t>()),
+                            xw_ptr,
+                            q_ptr,
+                            k_pad,
+                            qa.scale.const_data_ptr<float>(),
+                            qa.zero_point.const_data_ptr<int32_t>(),
+                            w_sums.const_data_ptr<int32_t>(),
+                            w_scale.const_data_ptr<float>(),
+                            bias_ptr,
+                            out.mutable_data_ptr<float>(),
+                            m,
+                            n,
+                            groups};
+  // Tasks run chunk by chunk, so that one activation chunk serves every output row from cache.
+  const int64_t groups_per_row = std::max<int64_t>(1, values.size(0) / std::max<int64_t>(n, 1));
+  const int64_t grain = std::max<int64_t>(1, (1 << 16) / (groups_per_row * 4 * width));
+  at::parallel_for(0, chunks * n, grain, [&](int64_t begin, int64_t end) {
+    // Task t is output row t % n of chunk t / n, stepped without divisions.
+    int64_t chunk = begin / n;
+    int64_t row = begin - chunk * n;
+    for (int64_t task = begin; task < end; ++task) {
+      kernel(args, row, chunk);
+      if (++row == n) {
+        row = 0;
+        ++chunk;
+      }
+    }
+  });
+  return out.view(output_shape(x_in, n));
+}
+
+}  // namespace
+}  // namespace weightlight
+
+TORCH_LIBRARY_IMPL(weightlight, CPU, m) {
+  m.impl("sparse_int8_linear", &weightlight::sparse_int8_linear_cpu);
+}

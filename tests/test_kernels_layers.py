@@ -1,0 +1,377 @@
+"""Deploy modules: numerics against the references, state_dict round trips, conversions and graphs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_weightlight.kernels import (
+    DEPLOY_MODULES,
+    Int8Conv2d,
+    Int8Linear,
+    SparseConv2d,
+    SparseInt8Conv2d,
+    SparseInt8Linear,
+    SparseLinear,
+    build_deploy_module,
+    choose_kernel,
+    ops,
+    reference,
+)
+
+FLOAT_TOL = {"rtol": 1e-5, "atol": 1e-5}
+STATIC = {"input_scale": 0.04, "input_zero_point": 120}
+
+
+def pruned_linear(in_features=40, out_features=24, sparsity=0.7, bias=True, seed=0):
+    torch.manual_seed(seed)
+    linear = nn.Linear(in_features, out_features, bias=bias)
+    with torch.no_grad():
+        linear.weight.mul_(torch.rand_like(linear.weight) >= sparsity)
+    return linear
+
+
+def pruned_conv(sparsity=0.6, seed=0, **kwargs):
+    torch.manual_seed(seed)
+    conv = nn.Conv2d(3, 10, 3, **kwargs)
+    with torch.no_grad():
+        conv.weight.mul_(torch.rand_like(conv.weight) >= sparsity)
+    return conv
+
+
+def build_all(linear):
+    return [
+        Int8Linear.from_float(linear),
+        Int8Linear.from_float(linear, **STATIC),
+        SparseLinear.from_dense(linear),
+        SparseInt8Linear.from_float(linear),
+        SparseInt8Linear.from_float(linear, **STATIC),
+    ]
+
+
+def test_int8_linear_matches_reference():
+    linear = pruned_linear(sparsity=0.0)
+    x = torch.randn(2, 5, 40)
+    q_w, w_scale = reference.quantize_weight_per_channel(linear.weight)
+    dynamic = Int8Linear.from_float(linear)
+    expected = reference.dynamic_int8_linear(x.reshape(10, 40), q_w, w_scale, linear.bias).reshape(2, 5, 24)
+    torch.testing.assert_close(dynamic(x), expected, **FLOAT_TOL)
+    static = Int8Linear.from_float(linear, **STATIC)
+    expected = reference.static_int8_linear(x.reshape(10, 40), q_w, w_scale, 0.04, 120, linear.bias)
+    torch.testing.assert_close(static(x), expected.reshape(2, 5, 24), **FLOAT_TOL)
+
+
+def test_int8_linear_custom_weight_scale():
+    linear = pruned_linear(sparsity=0.0)
+    scale = torch.full((24,), 0.002)
+    module = Int8Linear.from_float(linear, weight_scale=scale)
+    expected = torch.clamp(torch.round(linear.weight / 0.002), -128, 127).to(torch.int8)
+    assert torch.equal(module.weight, expected)
+    assert torch.equal(module.weight_scale, scale)
+    with pytest.raises(ValueError, match="weight_scale"):
+        Int8Linear.from_float(linear, weight_scale=torch.ones(3))
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_sparse_int8_linear_matches_int8_linear(static):
+    linear = pruned_linear(sparsity=0.8)
+    x = torch.randn(7, 40)
+    kwargs = STATIC if static else {}
+    sparse = SparseInt8Linear.from_float(linear, **kwargs)
+    dense = Int8Linear.from_float(linear, **kwargs)
+    torch.testing.assert_close(sparse(x), dense(x), **FLOAT_TOL)
+    # Pruned weights stay exactly zero after quantization.
+    assert torch.equal(sparse.q_weight() == 0, (linear.weight == 0) | (dense.weight == 0))
+    assert torch.equal(sparse.q_weight(), dense.weight)
+
+
+def test_sparse_linear_matches_float():
+    linear = pruned_linear(sparsity=0.9)
+    module = SparseLinear.from_dense(linear)
+    x = torch.randn(3, 4, 40)
+    torch.testing.assert_close(module(x), linear(x), **FLOAT_TOL)
+    assert module.sparsity == pytest.approx(float((linear.weight == 0).float().mean()))
+
+
+@pytest.mark.parametrize("module_index", range(5))
+def test_deploy_linear_state_dict_round_trip(module_index):
+    module = build_all(pruned_linear())[module_index]
+    state = module.state_dict()
+    assert all(isinstance(value, torch.Tensor) for value in state.values())
+    assert not any(key.startswith("_") for key in state)
+    config = json.loads(json.dumps(module.extra_config()))
+    rebuilt = type(module).from_config(config)
+    rebuilt.load_state_dict(state)
+    x = torch.randn(6, 40)
+    assert torch.equal(rebuilt(x), module(x))
+    assert (rebuilt.sparsity, rebuilt.pattern, rebuilt.bits, rebuilt.kernel) == (
+        module.sparsity,
+        module.pattern,
+        module.bits,
+        module.kernel,
+    )
+
+
+@pytest.mark.parametrize("module_index", range(5))
+def test_deploy_linear_to_float(module_index):
+    linear = pruned_linear(bias=module_index % 2 == 0)
+    module = build_all(linear)[module_index]
+    restored = module.to_float()
+    assert type(restored) is nn.Linear
+    assert torch.equal(restored.weight == 0, module.dense_weight() == 0)
+    # Dequantized weights are within half a quantization step of the originals.
+    step = module.weight_scale[:, None] if module.bits == 8 else torch.zeros(1)
+    assert torch.all((restored.weight - linear.weight).abs() <= step / 2 + 1e-7)
+    if linear.bias is not None:
+        assert torch.equal(restored.bias, linear.bias)
+
+
+def test_deploy_module_attributes():
+    linear = pruned_linear(sparsity=0.75)
+    zeros = float((linear.weight == 0).float().mean())
+    expected = {
+        (Int8Linear, False): (8, "int8", "dense"),
+        (SparseLinear, False): (32, "sparse", "unstructured"),
+        (SparseInt8Linear, False): (8, "sparse_int8", "1x4"),
+    }
+    for module in build_all(linear):
+        assert (module.bits, module.kernel, module.pattern) == expected[(type(module), False)]
+        assert module.sparsity == pytest.approx(zeros, abs=0.02)
+
+
+def test_sparse_linear_block_pattern_detected():
+    linear = nn.Linear(64, 32)
+    with torch.no_grad():
+        keep = (torch.rand(32, 16) > 0.8).repeat_interleave(4, 1)
+        linear.weight.mul_(keep)
+    module = SparseLinear.from_dense(linear)
+    assert module.pattern == "1x4"
+    assert module.values.shape[1:] == (4, 1)
+    x = torch.randn(5, 64)
+    torch.testing.assert_close(module(x), linear(x), **FLOAT_TOL)
+
+
+def test_from_float_rejects_bad_arguments():
+    with pytest.raises(TypeError, match=r"nn\.Linear"):
+        Int8Linear.from_float(nn.Conv2d(1, 1, 1))
+    with pytest.raises(ValueError, match="input_scale"):
+        Int8Linear.from_float(nn.Linear(4, 4), input_scale=-1.0, input_zero_point=0)
+    with pytest.raises(ValueError, match="input_zero_point"):
+        SparseInt8Linear.from_float(nn.Linear(4, 4), input_scale=0.1, input_zero_point=256)
+    with pytest.raises(ValueError, match="block"):
+        SparseLinear.from_dense(nn.Linear(4, 4), block="2x2")
+
+
+# ---------------------------------------------------------------------------------------------
+# Conv2d
+
+
+CONV_GEOMETRIES = [
+    {"padding": 1},
+    {"stride": 2, "padding": (0, 2)},
+    {"dilation": 2, "padding": "same"},
+    {"padding": "valid", "bias": False},
+]
+
+
+@pytest.mark.parametrize("geometry", CONV_GEOMETRIES)
+def test_sparse_conv2d_matches_conv2d(geometry):
+    conv = pruned_conv(**geometry)
+    module = SparseConv2d.from_dense(conv)
+    x = torch.randn(2, 3, 9, 11)
+    torch.testing.assert_close(module(x), conv(x), **FLOAT_TOL)
+
+
+@pytest.mark.parametrize("cls", [Int8Conv2d, SparseInt8Conv2d])
+@pytest.mark.parametrize("geometry", CONV_GEOMETRIES)
+def test_int8_conv2d_matches_reference(cls, geometry):
+    conv = pruned_conv(**geometry)
+    module = cls.from_float(conv)
+    x = torch.randn(2, 3, 9, 11)
+    out = module(x)
+    assert out.shape == conv(x).shape
+    # The reference: the int8 Linear reference over the unfolded input.
+    columns = F.unfold(x, conv.kernel_size, conv.dilation, module.padding, conv.stride).transpose(1, 2)
+    q_w, w_scale = reference.quantize_weight_per_channel(conv.weight.reshape(10, -1))
+    expected = reference.dynamic_int8_linear(columns.reshape(-1, 27), q_w, w_scale, conv.bias)
+    expected = expected.reshape(2, -1, 10).transpose(1, 2).reshape(out.shape)
+    torch.testing.assert_close(out, expected, **FLOAT_TOL)
+
+
+def test_pointwise_conv2d():
+    conv = nn.Conv2d(8, 4, 1)
+    x = torch.randn(3, 8, 5, 5)
+    torch.testing.assert_close(SparseConv2d.from_dense(conv)(x), conv(x), **FLOAT_TOL)
+
+
+@pytest.mark.parametrize(
+    "build", [Int8Conv2d.from_float, SparseConv2d.from_dense, SparseInt8Conv2d.from_float]
+)
+def test_deploy_conv2d_round_trip_and_to_float(build):
+    conv = pruned_conv(stride=2, padding=1)
+    module = build(conv)
+    rebuilt = type(module).from_config(json.loads(json.dumps(module.extra_config())))
+    rebuilt.load_state_dict(module.state_dict())
+    x = torch.randn(1, 3, 8, 8)
+    assert torch.equal(rebuilt(x), module(x))
+    restored = module.to_float()
+    assert type(restored) is nn.Conv2d
+    assert (restored.stride, restored.padding) == ((2, 2), (1, 1))
+    assert torch.equal(restored.weight == 0, module.dense_weight().reshape(conv.weight.shape) == 0)
+
+
+def test_conv2d_rejects_unsupported():
+    with pytest.raises(ValueError, match="groups=1"):
+        Int8Conv2d.from_float(nn.Conv2d(4, 4, 3, groups=2))
+    with pytest.raises(ValueError, match="padding_mode"):
+        SparseConv2d.from_dense(nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"))
+    with pytest.raises(ValueError, match="same"):
+        SparseInt8Conv2d.from_float(nn.Conv2d(4, 4, 2, padding="same"))
+    with pytest.raises(TypeError, match=r"nn\.Conv2d"):
+        Int8Conv2d.from_float(nn.Linear(4, 4))
+
+
+def test_deploy_modules_listed():
+    assert set(DEPLOY_MODULES) == {
+        Int8Linear,
+        SparseLinear,
+        SparseInt8Linear,
+        Int8Conv2d,
+        SparseConv2d,
+        SparseInt8Conv2d,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Graphs
+
+
+class TwoLayers(nn.Module):
+    def __init__(self, linear):
+        super().__init__()
+        self.int8 = Int8Linear.from_float(linear, **STATIC)
+        self.sparse = SparseLinear.from_dense(nn.Linear(24, 24))
+        self.sparse_int8 = SparseInt8Linear.from_float(pruned_linear(24, 16, seed=1))
+
+    def forward(self, x):
+        return self.sparse_int8(self.sparse(self.int8(x)))
+
+
+OUR_OPS = {
+    "weightlight.int8_linear.default",
+    "weightlight.sparse_linear.default",
+    "weightlight.sparse_int8_linear.default",
+}
+
+
+def graph_ops(graph):
+    return {str(node.target) for node in graph.nodes if node.op == "call_function"}
+
+
+def test_deploy_modules_compile_fullgraph():
+    model = TwoLayers(pruned_linear())
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    x = torch.randn(3, 40)
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    assert torch.equal(compiled(x), model(x))
+    names = {str(node.target) for gm in graphs for node in gm.graph.nodes}
+    assert {"weightlight.int8_linear", "weightlight.sparse_linear", "weightlight.sparse_int8_linear"} <= {
+        name.removesuffix(".default") for name in names
+    }
+
+
+def test_deploy_modules_export():
+    model = TwoLayers(pruned_linear())
+    x = torch.randn(3, 40)
+    exported = torch.export.export(model, (x,))
+    assert OUR_OPS <= graph_ops(exported.graph)
+    assert torch.equal(exported.module()(x), model(x))
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernel choice
+
+
+def test_choose_kernel_from_zeros():
+    dense = torch.randn(256, 256)
+    sparse = dense * (torch.rand(256, 256) > 0.95)
+    assert choose_kernel(dense) == "dense"
+    assert choose_kernel(sparse) == "sparse"
+    assert choose_kernel(dense, quantized=True) == "int8"
+    blocks = dense * (torch.rand(256, 64) > 0.9).repeat_interleave(4, 1)
+    assert choose_kernel(blocks, quantized=True, batch_rows=32) == "sparse_int8"
+    assert choose_kernel(torch.randn(8, 3, 3, 3)) == "dense"
+
+
+def test_choose_kernel_measured():
+    sparse = torch.randn(512, 512) * (torch.rand(512, 512) > 0.97)
+    assert choose_kernel(sparse, batch_rows=8, measure=True) in ("dense", "sparse")
+    assert choose_kernel(sparse, measure=True, quantized=True) in ("int8", "sparse_int8")
+
+
+def test_choose_kernel_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="batch_rows"):
+        choose_kernel(torch.randn(4, 4), batch_rows=0)
+    with pytest.raises(TypeError, match="weight"):
+        choose_kernel(torch.randn(4))
+
+
+@pytest.mark.parametrize("kernel", ["dense", "int8", "sparse", "sparse_int8"])
+def test_build_deploy_module(kernel):
+    for layer in (pruned_linear(), pruned_conv(padding=1)):
+        module = build_deploy_module(layer, kernel)
+        x = torch.randn(2, 40) if isinstance(layer, nn.Linear) else torch.randn(1, 3, 6, 6)
+        assert module(x).shape == layer(x).shape
+        if kernel == "dense":
+            assert type(module) is type(layer)
+            assert module is not layer
+        else:
+            assert module.kernel == kernel
+    with pytest.raises(ValueError, match="kernel"):
+        build_deploy_module(pruned_linear(), "fast")
+
+
+def test_layers_scalar_isa():
+    linear = pruned_linear(sparsity=0.8)
+    x = torch.randn(5, 40)
+    expected = [module(x) for module in build_all(linear)]
+    ops.set_isa("scalar")
+    try:
+        got = [module(x) for module in build_all(linear)]
+    finally:
+        ops.set_isa("auto")
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, **FLOAT_TOL)
+
+
+def test_isa_environment_override_forces_scalar(python_executable):
+    script = (
+        "import torch\n"
+        "from torch import nn\n"
+        "from lightning_weightlight.kernels import SparseInt8Linear, active_isa, reference\n"
+        "torch.manual_seed(0)\n"
+        "linear = nn.Linear(30, 12)\n"
+        "module = SparseInt8Linear.from_float(linear)\n"
+        "x = torch.randn(5, 30)\n"
+        "q_w, w_scale = reference.quantize_weight_per_channel(linear.weight)\n"
+        "expected = reference.dynamic_int8_linear(x, q_w, w_scale, linear.bias)\n"
+        "torch.testing.assert_close(module(x), expected, rtol=1e-5, atol=1e-5)\n"
+        "print(active_isa())\n"
+    )
+    env = {**os.environ, "WEIGHTLIGHT_ISA": "scalar", "WEIGHTLIGHT_REQUIRE_CPP": "1"}
+    result = subprocess.run(
+        [python_executable, "-c", script], env=env, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "scalar"
