@@ -2,13 +2,27 @@
 
 Any LightningModule and LightningDataModule can be chosen by ``class_path``; callbacks, such as
 the pruning and quantization callbacks of this package, go under ``trainer.callbacks``.
+
+Besides LightningCLI's ``fit``, ``validate``, ``test`` and ``predict``, two subcommands work on
+a trained checkpoint with the same configuration file:
+
+* ``weightlight compress --config C --ckpt_path K --output F`` compresses the model and saves it.
+* ``weightlight report --config C --ckpt_path K [--compressed F]`` prints and saves a
+  :class:`~lightning_weightlight.report.CompressionReport` of the dense against the compressed model.
 """
 
 from __future__ import annotations
 
+import argparse
+import copy
+import sys
+from pathlib import Path
+
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lightning_weightlight.demo import DigitsCNN, DigitsDataModule
+
+COMPRESSION_COMMANDS = ("compress", "report")
 
 
 class WeightlightCLI(LightningCLI):
@@ -23,8 +37,7 @@ class WeightlightCLI(LightningCLI):
         )
 
 
-def main(args: list[str] | None = None) -> WeightlightCLI:
-    """Run the ``weightlight`` command with ``args`` (the process arguments when ``None``)."""
+def _build_cli(args: list[str]) -> WeightlightCLI:
     return WeightlightCLI(
         subclass_mode_model=True,
         subclass_mode_data=True,
@@ -32,6 +45,115 @@ def main(args: list[str] | None = None) -> WeightlightCLI:
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
     )
+
+
+def _positive_sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(part) for part in text.split(",")]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, but got {text!r}") from err
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, but got {text!r}")
+    return sizes
+
+
+def _compression_parser(command: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=f"weightlight {command}",
+        description=(
+            "Restore a trained checkpoint with the fit configuration (callbacks replay their structural "
+            "edits), then "
+            + (
+                "compress it and save one file."
+                if command == "compress"
+                else "report dense against compressed."
+            )
+            + " Every other option (--config, --model.*, --data.*, --trainer.*) goes to LightningCLI."
+        ),
+    )
+    parser.add_argument("--ckpt_path", required=True, help="checkpoint of the trained model")
+    parser.add_argument("--no_quantize", action="store_true", help="choose only float kernels (no int8)")
+    parser.add_argument(
+        "--batch_rows", type=int, default=1, help="typical rows per call for the kernel choice"
+    )
+    if command == "compress":
+        parser.add_argument("--output", required=True, type=Path, help="file to write (safetensors)")
+    else:
+        parser.add_argument(
+            "--compressed", type=Path, help="compressed file to report on (compress again if absent)"
+        )
+        parser.add_argument(
+            "--output_dir", type=Path, default=Path("compression_report"), help="folder of the report"
+        )
+        parser.add_argument(
+            "--batch_sizes", type=_positive_sizes, default=[1, 32], help="latency batch sizes, e.g. 1,32"
+        )
+        parser.add_argument(
+            "--threads", type=int, default=1, help="torch threads during the latency measurement"
+        )
+        parser.add_argument(
+            "--repeats", type=int, default=20, help="timed calls per batch size (median reported)"
+        )
+        parser.add_argument("--dataloader", choices=("val", "test"), default="test", help="data to evaluate")
+    return parser
+
+
+def run_compression_command(command: str, args: list[str]) -> object:
+    """Run ``weightlight compress`` or ``weightlight report`` with ``args`` after the subcommand name."""
+    from lightning_weightlight.export import compress, load_compressed, save_compressed
+    from lightning_weightlight.report import CompressionReport
+
+    options, rest = _compression_parser(command).parse_known_args(args)
+    cli = (
+        _build_cli([*rest, "--trainer.logger=false", "--trainer.enable_progress_bar=false"])
+        if False
+        else None
+    )
+    cli = WeightlightCLI(
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        args=rest,
+        run=False,
+        save_config_callback=None,
+        auto_configure_optimizers=False,
+    )
+    cli.trainer.validate(cli.model, datamodule=cli.datamodule, ckpt_path=options.ckpt_path, verbose=False)
+    dense = copy.deepcopy(cli.model).cpu().eval()
+    compress_options = {"quantize": not options.no_quantize, "batch_rows": options.batch_rows}
+
+    if command == "compress":
+        compressed = compress(dense, **compress_options)
+        path = save_compressed(compressed, options.output, metadata={"checkpoint": str(options.ckpt_path)})
+        print(f"Saved the compressed model to {path} ({path.stat().st_size / 1024:.1f} KiB)")
+        return path
+
+    if options.compressed is not None:
+        compressed = load_compressed(options.compressed, model=copy.deepcopy(dense))
+    else:
+        compressed = compress(dense, **compress_options)
+    datamodule = cli.datamodule
+    datamodule.setup(options.dataloader if options.dataloader == "test" else "validate")
+    loader = datamodule.test_dataloader() if options.dataloader == "test" else datamodule.val_dataloader()
+    report = CompressionReport(
+        dense,
+        compressed,
+        loader,
+        batch_sizes=options.batch_sizes,
+        threads=options.threads,
+        repeats=options.repeats,
+    )
+    paths = report.save(options.output_dir)
+    print(report.to_table())
+    print(f"\nWrote {', '.join(str(path) for path in paths.values())}")
+    return report
+
+
+def main(args: list[str] | None = None) -> object:
+    """Run the ``weightlight`` command with ``args`` (the process arguments when ``None``)."""
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv and argv[0] in COMPRESSION_COMMANDS:
+        return run_compression_command(argv[0], argv[1:])
+    return _build_cli(args)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,366 @@
+"""``save_compressed`` and ``load_compressed``: one safetensors file that loads without running code.
+
+The file is a plain safetensors file whose tensors are the model's ``state_dict``. Its metadata
+key ``weightlight`` contains a JSON document: the format version, the package version, how to
+build the model (class path and constructor arguments), the class and arguments of every replaced
+or reshaped leaf module, and a SHA-256 digest of that document and every tensor. Loading parses JSON
+and raw tensor bytes only: nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import logging
+import os
+import struct
+import sys
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+from torch import nn
+
+from lightning_weightlight.export.modules import build_module, describe_module
+
+log = logging.getLogger(__name__)
+
+FORMAT_NAME = "lightning-weightlight-compressed"
+FORMAT_VERSION = 1
+"""Version of the file layout this package writes; it reads this version and older ones."""
+
+METADATA_KEY = "weightlight"
+TRUSTED_MODULES = ("lightning_weightlight",)
+"""Modules from which a model class may be imported by name while loading."""
+
+_MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+class CompressedFileError(ValueError):
+    """A compressed file is truncated, corrupted, of a newer format version, or not such a file."""
+
+
+def _package_version() -> str:
+    from lightning_weightlight import __version__
+
+    return __version__
+
+
+def _tensor_digest(document: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    digest.update(json.dumps(document, sort_keys=True).encode())
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().contiguous()
+        digest.update(f"\0{name}\0{tensor.dtype}\0{list(tensor.shape)}\0".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _json_arguments(model: nn.Module, init_args: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    if init_args is None:
+        hparams = getattr(model, "hparams", None)
+        if not hparams:
+            return None
+        init_args = {key: value for key, value in dict(hparams).items() if not key.startswith("_")}
+    try:
+        return json.loads(json.dumps(dict(init_args)))
+    except (TypeError, ValueError) as err:
+        log.warning(
+            "save_compressed: the constructor arguments of %s are not JSON-serialisable (%s), so the file "
+            "records none and load_compressed needs model=",
+            type(model).__qualname__,
+            err,
+        )
+        return None
+
+
+def split_shared_tensors(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Split a state dict into CPU tensors stored once and aliases ``{name: name stored}``.
+
+    safetensors rejects tensors that share memory, so a tied weight is stored under its first name.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple[int, int, tuple[int, ...], tuple[int, ...], torch.dtype], str] = {}
+    for name, tensor in state.items():
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(
+                "save_compressed: expected only tensors in the state_dict, "
+                f"but {name!r} is {type(tensor).__name__}"
+            )
+        tensor = tensor.detach().cpu()
+        key = (
+            tensor.untyped_storage().data_ptr(),
+            tensor.storage_offset(),
+            tuple(tensor.shape),
+            tuple(tensor.stride()),
+            tensor.dtype,
+        )
+        if tensor.numel() > 0 and key in seen:
+            aliases[name] = seen[key]
+            continue
+        seen[key] = name
+        tensors[name] = tensor.contiguous().clone()
+    return tensors, aliases
+
+
+def _is_unsaveable_package_module(module: nn.Module) -> bool:
+    """Return whether ``module`` is one of this package's layers with tensors but no JSON description."""
+    own_tensors = any(True for _ in module.parameters(recurse=False)) or any(
+        True for _ in module.buffers(recurse=False)
+    )
+    return own_tensors and type(module).__module__.startswith("lightning_weightlight.")
+
+
+def describe_model(model: nn.Module, init_args: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Describe how to rebuild ``model``: class path, constructor arguments and leaf modules."""
+    cls = type(model)
+    modules = []
+    for name, module in model.named_modules():
+        description = describe_module(module) if name else None
+        if description is not None:
+            modules.append({"name": name, **description})
+        elif name and _is_unsaveable_package_module(module):
+            raise TypeError(
+                f"save_compressed: layer {name!r} is a {type(module).__name__}, which a compressed file "
+                "cannot describe; run compress() first to convert training modules, or keep the layer "
+                "in float"
+            )
+    return {
+        "class_path": f"{cls.__module__}.{cls.__qualname__}",
+        "init_args": _json_arguments(model, init_args),
+        "modules": modules,
+    }
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to a temporary file beside ``path`` and rename it, so readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = tempfile.NamedTemporaryFile(
+        dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
+    )
+    try:
+        with handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(handle.name, path)
+    except BaseException:
+        Path(handle.name).unlink(missing_ok=True)
+        raise
+    try:
+        directory = os.open(path.parent, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def save_compressed(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    init_args: Mapping[str, Any] | None = None,
+    metadata: Mapping[str, Any] | None = None,
+) -> Path:
+    """Save a (compressed) model to one safetensors file with its structure in JSON metadata.
+
+    Args:
+        model: The model, usually the output of :func:`~lightning_weightlight.compress`.
+        path: The file to write. The write is atomic: a crash leaves an older file at ``path`` intact.
+        init_args: Constructor arguments of the model's class. By default a LightningModule's
+            ``hparams``; a model without them is saved without arguments and loads with ``model=``.
+        metadata: Extra JSON-serialisable information stored under ``"user"`` (for example the
+            training configuration).
+
+    Returns:
+        The path written.
+
+    Example:
+        >>> import tempfile
+        >>> model = nn.Sequential(nn.Linear(4, 2))
+        >>> path = save_compressed(model, Path(tempfile.mkdtemp()) / "model.safetensors")
+        >>> loaded = load_compressed(path, model=nn.Sequential(nn.Linear(4, 2)))
+        >>> torch.equal(loaded[0].weight, model[0].weight)
+        True
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"save_compressed: expected an nn.Module, but got {type(model).__name__}")
+    path = Path(path)
+    tensors, aliases = split_shared_tensors(model.state_dict())
+    document = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "package_version": _package_version(),
+        "torch_version": torch.__version__,
+        "model": describe_model(model, init_args),
+        "aliases": aliases,
+        "user": json.loads(json.dumps(dict(metadata or {}))),
+    }
+    document["sha256"] = _tensor_digest(document, tensors)
+    data = safetensors.torch.save(tensors, metadata={METADATA_KEY: json.dumps(document)})
+    _atomic_write(path, data)
+    return path
+
+
+def _read_header(path: Path, data: bytes) -> dict[str, Any]:
+    if len(data) < 8:
+        raise CompressedFileError(
+            f"{path}: the file is {len(data)} bytes, too short for a safetensors header"
+        )
+    (header_size,) = struct.unpack("<Q", data[:8])
+    if header_size > min(len(data) - 8, _MAX_HEADER_BYTES):
+        raise CompressedFileError(
+            f"{path}: not a lightning-weightlight compressed file, or truncated: the first 8 bytes give a "
+            f"header of {header_size} bytes but the file has {len(data) - 8} more"
+        )
+    try:
+        header = json.loads(data[8 : 8 + header_size])
+    except (UnicodeDecodeError, ValueError) as err:
+        raise CompressedFileError(f"{path}: the safetensors header is not valid JSON: {err}") from err
+    if not isinstance(header, dict):
+        raise CompressedFileError(f"{path}: the safetensors header is not a JSON object")
+
+    payload = len(data) - 8 - header_size
+    try:
+        ends = [int(entry["data_offsets"][1]) for key, entry in header.items() if key != "__metadata__"]
+    except (KeyError, TypeError, IndexError, ValueError) as err:
+        raise CompressedFileError(
+            f"{path}: the safetensors header has an invalid tensor entry: {err!r}"
+        ) from err
+    expected = max(ends, default=0)
+    if payload != expected:
+        raise CompressedFileError(
+            f"{path}: the tensor data is {payload} bytes but the header describes {expected}; "
+            "the file is truncated or was changed"
+        )
+    return header
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """Read and check the JSON document of a compressed file without building the model.
+
+    Raises:
+        CompressedFileError: The file is not a compressed file of this package or is of a newer
+            format version.
+    """
+    path = Path(path)
+    return _read_document(path, path.read_bytes())
+
+
+def _read_document(path: Path, data: bytes) -> dict[str, Any]:
+    header = _read_header(path, data)
+    raw = (header.get("__metadata__") or {}).get(METADATA_KEY)
+    if raw is None:
+        raise CompressedFileError(
+            f"{path}: a safetensors file without the {METADATA_KEY!r} metadata of a lightning-weightlight "
+            "compressed file; save it with save_compressed"
+        )
+    try:
+        document = json.loads(raw)
+    except ValueError as err:
+        raise CompressedFileError(f"{path}: the {METADATA_KEY!r} metadata is not valid JSON: {err}") from err
+    if not isinstance(document, dict) or document.get("format") != FORMAT_NAME:
+        raise CompressedFileError(f"{path}: expected format {FORMAT_NAME!r} in the metadata")
+    version = document.get("format_version")
+    if not isinstance(version, int) or version < 1:
+        raise CompressedFileError(f"{path}: expected a positive integer format_version, but got {version!r}")
+    if version > FORMAT_VERSION:
+        raise CompressedFileError(
+            f"{path}: written in format version {version} by lightning-weightlight "
+            f"{document.get('package_version')}, but this installation ({_package_version()}) reads "
+            f"versions up to {FORMAT_VERSION}; upgrade lightning-weightlight to load it"
+        )
+    return document
+
+
+def _resolve_class(class_path: str, trusted_modules: Sequence[str]) -> type[nn.Module]:
+    module_name, _, qualname = class_path.rpartition(".")
+    trusted = any(module_name == root or module_name.startswith(root + ".") for root in trusted_modules)
+    if module_name in sys.modules:
+        module = sys.modules[module_name]
+    elif trusted:
+        module = importlib.import_module(module_name)
+    else:
+        raise CompressedFileError(
+            f"model class {class_path!r}: its module is neither imported nor under trusted_modules "
+            f"{list(trusted_modules)}; import it first, add it to trusted_modules, or pass model="
+        )
+    cls: Any = module
+    for part in qualname.split("."):
+        cls = getattr(cls, part, None)
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise CompressedFileError(
+            f"model class {class_path!r}: expected an nn.Module subclass, but got {cls!r}"
+        )
+    return cls
+
+
+def _build_model(model_info: Mapping[str, Any], trusted_modules: Sequence[str]) -> nn.Module:
+    class_path = model_info.get("class_path")
+    init_args = model_info.get("init_args")
+    if init_args is None:
+        raise CompressedFileError(
+            f"the file records no constructor arguments for {class_path!r}; pass model= with an instance "
+            "of the original architecture"
+        )
+    return _resolve_class(str(class_path), trusted_modules)(**init_args)
+
+
+def load_compressed(
+    path: str | os.PathLike,
+    *,
+    model: nn.Module | None = None,
+    trusted_modules: Sequence[str] = (),
+) -> nn.Module:
+    """Load a model saved by :func:`save_compressed`, in eval mode.
+
+    The model is built from the class path and constructor arguments in the file, unless ``model``
+    is given as the skeleton. Then every recorded leaf module is rebuilt from the allow-list of
+    deploy and plain torch layers, and the tensors load with ``strict=True``.
+
+    Args:
+        path: The file to read.
+        model: An instance of the original architecture to load into (modified in place). Needed
+            when the file records no constructor arguments.
+        trusted_modules: Modules, besides ``lightning_weightlight``, from which the model class may
+            be imported. A class whose module is already imported is always found.
+
+    Raises:
+        CompressedFileError: The file is truncated, changed after writing, of a newer format
+            version, or not a compressed file of this package.
+    """
+    path = Path(path)
+    data = path.read_bytes()
+    document = _read_document(path, data)
+    try:
+        tensors = safetensors.torch.load(data)
+    except Exception as err:  # safetensors raises its own error type for every malformed payload
+        raise CompressedFileError(f"{path}: the tensor data cannot be read: {err}") from err
+    stored = {key: value for key, value in document.items() if key != "sha256"}
+    if _tensor_digest(stored, tensors) != document.get("sha256"):
+        raise CompressedFileError(
+            f"{path}: the SHA-256 digest of the metadata and tensors does not match the one stored in the "
+            "file; the file is corrupted"
+        )
+
+    model_info = document["model"]
+    if model is None:
+        model = _build_model(model_info, tuple(TRUSTED_MODULES) + tuple(trusted_modules))
+    for entry in model_info.get("modules", []):
+        try:
+            model.set_submodule(entry["name"], build_module(entry), strict=False)
+        except (AttributeError, KeyError) as err:
+            raise CompressedFileError(f"{path}: cannot place module {entry.get('name')!r}: {err}") from err
+
+    state = dict(tensors)
+    for name, target in document.get("aliases", {}).items():
+        state[name] = tensors[target]
+    model.load_state_dict(state, strict=True)
+    return model.eval()

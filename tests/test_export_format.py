@@ -1,0 +1,269 @@
+"""The compressed file format: exact round trips, atomic writes, and rejection of bad files."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import struct
+import sys
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+from torch import nn
+
+from lightning_weightlight.demo import DigitsCNN, DigitsMLP
+from lightning_weightlight.export import (
+    FORMAT_VERSION,
+    CompressedFileError,
+    load_compressed,
+    read_metadata,
+    save_compressed,
+)
+from lightning_weightlight.export.serialization import METADATA_KEY, _tensor_digest
+
+
+class TwoTower(nn.Module):
+    """A user's plain module without hyperparameters and with one weight shared by two layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(20, 8)
+        self.body = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.LayerNorm(16), nn.Linear(16, 8))
+        self.head = nn.Linear(8, 20, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(self.embed(tokens)))
+
+
+def rewrite_document(path: Path, change) -> None:
+    """Rewrite the metadata of a saved file with ``change(document)`` and a matching digest."""
+    data = path.read_bytes()
+    tensors = safetensors.torch.load(data)
+    document = read_metadata(path)
+    del document["sha256"]
+    change(document)
+    document["sha256"] = _tensor_digest(document, tensors)
+    path.write_bytes(safetensors.torch.save(tensors, metadata={METADATA_KEY: json.dumps(document)}))
+
+
+def test_lightning_module_rebuilds_from_hparams(tmp_path):
+    torch.manual_seed(0)
+    model = DigitsCNN(channels=(8, 16), hidden=32).eval()
+    path = save_compressed(model, tmp_path / "cnn.safetensors")
+
+    loaded = load_compressed(path)
+
+    assert type(loaded) is DigitsCNN
+    assert loaded.hparams.channels == [8, 16]
+    assert not loaded.training
+    images = torch.randn(5, 1, 8, 8)
+    assert torch.equal(loaded(images), model(images))
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+
+
+def test_metadata_records_versions_and_layers(tmp_path):
+    path = save_compressed(DigitsMLP(hidden=(16,)), tmp_path / "mlp.safetensors", metadata={"run": "a"})
+
+    document = read_metadata(path)
+
+    assert document["format_version"] == FORMAT_VERSION
+    assert document["package_version"] == "0.1.0"
+    assert document["model"]["class_path"] == "lightning_weightlight.demo.models.DigitsMLP"
+    assert document["user"] == {"run": "a"}
+    layers = {entry["name"]: entry for entry in document["model"]["modules"]}
+    assert layers["features.1"] == {
+        "name": "features.1",
+        "class": "Linear",
+        "config": {"in_features": 64, "out_features": 16, "bias": True},
+    }
+    assert len(document["sha256"]) == 64
+
+
+def test_reshaped_layers_rebuild_from_records(tmp_path):
+    # Shapes that differ from the constructor's, as structured pruning leaves them.
+    torch.manual_seed(0)
+    model = DigitsCNN(channels=(8, 16), hidden=32).eval()
+    model.features[0].conv = nn.Conv2d(1, 5, 3, padding=1, bias=False)
+    model.features[0].bn = nn.BatchNorm2d(5)
+    model.features[1].conv = nn.Conv2d(5, 16, 3, padding=1, bias=False)
+    model.classifier[0] = nn.Linear(256, 20)
+    model.classifier[3] = nn.Linear(20, 10)
+    model.eval()
+    path = save_compressed(model, tmp_path / "pruned.safetensors")
+
+    loaded = load_compressed(path)
+
+    assert loaded.features[0].conv.out_channels == 5
+    assert loaded.classifier[0].out_features == 20
+    images = torch.randn(3, 1, 8, 8)
+    assert torch.equal(loaded(images), model(images))
+
+
+def test_plain_module_loads_into_given_model(tmp_path):
+    torch.manual_seed(0)
+    model = TwoTower().eval()
+    path = save_compressed(model, tmp_path / "tower.safetensors")
+
+    assert read_metadata(path)["model"]["init_args"] is None
+    with pytest.raises(CompressedFileError, match="pass model="):
+        load_compressed(path)
+    loaded = load_compressed(path, model=TwoTower())
+
+    tokens = torch.randint(0, 20, (4, 6))
+    assert torch.equal(loaded(tokens), model(tokens))
+    assert torch.equal(loaded.head.weight, loaded.embed.weight)
+
+
+def test_shared_weight_stored_once(tmp_path):
+    path = save_compressed(TwoTower(), tmp_path / "tower.safetensors")
+
+    stored = safetensors.torch.load(path.read_bytes())
+
+    assert read_metadata(path)["aliases"] == {"head.weight": "embed.weight"}
+    assert "head.weight" not in stored
+
+
+@pytest.mark.parametrize("keep", [0, 7, 8, 100, -1])
+def test_truncated_file_rejected(tmp_path, keep):
+    path = save_compressed(DigitsMLP(hidden=(16,)), tmp_path / "mlp.safetensors")
+    data = path.read_bytes()
+    path.write_bytes(data[:keep] if keep >= 0 else data[:-1])
+
+    with pytest.raises(CompressedFileError, match=r"truncated|too short"):
+        load_compressed(path)
+
+
+def test_byte_edit_in_tensors_rejected(tmp_path):
+    path = save_compressed(DigitsMLP(hidden=(16,)), tmp_path / "mlp.safetensors")
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0x01
+    path.write_bytes(bytes(data))
+
+    with pytest.raises(CompressedFileError, match="SHA-256 digest"):
+        load_compressed(path)
+
+
+def test_byte_edit_in_metadata_rejected(tmp_path):
+    path = save_compressed(DigitsMLP(hidden=(16,)), tmp_path / "mlp.safetensors")
+    data = path.read_bytes()
+    edited = data.replace(b'\\"out_features\\": 16', b'\\"out_features\\": 17', 1)
+    assert edited != data
+    path.write_bytes(edited)
+
+    with pytest.raises(CompressedFileError, match="SHA-256 digest"):
+        load_compressed(path)
+
+
+def test_newer_format_version_rejected(tmp_path):
+    path = save_compressed(DigitsMLP(hidden=(16,)), tmp_path / "mlp.safetensors")
+    rewrite_document(path, lambda document: document.update(format_version=FORMAT_VERSION + 1))
+
+    with pytest.raises(CompressedFileError, match=f"format version {FORMAT_VERSION + 1}.*upgrade"):
+        load_compressed(path)
+
+
+class PickleBomb:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+@pytest.mark.parametrize("writer", ["pickle", "torch.save"])
+def test_pickle_payload_never_executed(tmp_path, writer):
+    marker = tmp_path / "executed"
+    path = tmp_path / "model.safetensors"
+    if writer == "pickle":
+        path.write_bytes(pickle.dumps(PickleBomb(marker)))
+    else:
+        torch.save({"state": PickleBomb(marker)}, path)
+
+    with pytest.raises(CompressedFileError):
+        load_compressed(path)
+    assert not marker.exists()
+
+
+def test_plain_safetensors_file_rejected(tmp_path):
+    path = tmp_path / "plain.safetensors"
+    safetensors.torch.save_file({"weight": torch.zeros(2)}, path)
+
+    with pytest.raises(CompressedFileError, match="without the 'weightlight' metadata"):
+        load_compressed(path)
+
+
+def test_class_outside_allow_list_rejected(tmp_path):
+    path = save_compressed(DigitsMLP(hidden=(16,)), tmp_path / "mlp.safetensors")
+
+    def swap_class(document):
+        document["model"]["modules"][0]["class"] = "builtins.eval"
+
+    rewrite_document(path, swap_class)
+
+    with pytest.raises(ValueError, match=r"expected a class from .*'builtins\.eval'"):
+        load_compressed(path)
+
+
+@pytest.mark.parametrize(
+    ("class_path", "message"),
+    [
+        ("subprocess.Popen", "expected an nn.Module subclass"),
+        ("weightlight_never_imported_module.Model", "neither imported nor under trusted_modules"),
+    ],
+)
+def test_model_class_path_restricted(tmp_path, class_path, message):
+    path = save_compressed(DigitsMLP(hidden=(16,)), tmp_path / "mlp.safetensors")
+    rewrite_document(path, lambda document: document["model"].update(class_path=class_path))
+
+    with pytest.raises(CompressedFileError, match=message):
+        load_compressed(path)
+    assert "weightlight_never_imported_module" not in sys.modules
+
+
+def test_failed_write_keeps_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "model.safetensors"
+    save_compressed(DigitsMLP(hidden=(16,)), path)
+    before = path.read_bytes()
+
+    def crash(src, dst):
+        raise OSError("simulated crash before the rename")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError, match="simulated crash"):
+        save_compressed(DigitsMLP(hidden=(32,)), path)
+
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
+
+
+def test_header_length_beyond_file_rejected(tmp_path):
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(struct.pack("<Q", 1 << 40) + b"{}")
+
+    with pytest.raises(CompressedFileError, match="not a lightning-weightlight compressed file"):
+        load_compressed(path)
+
+
+def test_invalid_tensor_entry_rejected(tmp_path):
+    header = json.dumps({"weight": {"dtype": "F32", "shape": [1]}}).encode()
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header)
+
+    with pytest.raises(CompressedFileError, match="invalid tensor entry"):
+        load_compressed(path)
+
+
+def test_unconverted_qat_layer_rejected_at_save(tmp_path):
+    from lightning_weightlight.quantization import prepare_qat
+
+    model = DigitsMLP(hidden=(16,))
+    prepare_qat(model)
+
+    with pytest.raises(TypeError, match=r"layer 'features\.1' is a QATLinear.*run compress\(\) first"):
+        save_compressed(model, tmp_path / "qat.safetensors")
+    assert not (tmp_path / "qat.safetensors").exists()
