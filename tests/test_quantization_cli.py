@@ -21,7 +21,10 @@ QUICK = [
 @pytest.mark.parametrize(
     ("config", "expected"),
     [
-        ("digits_qat.yaml", r"QuantizationAwareTraining summary.*classifier\.3\s+QATLinear\s+8"),
+        (
+            "digits_qat.yaml",
+            r"fake quantized from step 190.*QuantizationAwareTraining summary.*classifier\.3\s+QATLinear\s+8",
+        ),
         ("digits_ptq.yaml", r"PostTrainingQuantization \(static\) summary.*features\.0\.conv\s+\d+\.\d"),
     ],
 )

@@ -298,3 +298,132 @@ def test_convert_on_fit_end_swaps_in_int8(make_trainer):
     assert isinstance(model.head, layers.Int8Linear)
     x, side, _ = next(iter(regression_loader()))
     assert model(x, side).shape == (8,)
+
+
+def _range_batches(batches: int = 5) -> DataLoader:
+    # Batch i contains values in [-(i + 1), i + 1], so a min-max observer shows which batches it saw.
+    x = torch.cat([torch.linspace(-(i + 1), i + 1, 8 * 4).reshape(8, 4) for i in range(batches)])
+    return DataLoader(TensorDataset(x, torch.zeros(8 * batches, 2), torch.zeros(8 * batches)), batch_size=8)
+
+
+def test_callback_rejects_invalid_start():
+    with pytest.raises(ValueError, match=r"start_step: expected an integer >= 0, but got -3"):
+        QuantizationAwareTraining(start_step=-3)
+    with pytest.raises(
+        ValueError, match=r"freeze_bn_step: expected a step >= the start step 10, .* but got 5"
+    ):
+        QuantizationAwareTraining(start_step=10, freeze_bn_step=5)
+    with pytest.raises(
+        ValueError, match=r"freeze_observer_step: expected a step >= the start step 10, .* but got 9"
+    ):
+        QuantizationAwareTraining(start_step=10, freeze_observer_step=9)
+    with pytest.raises(
+        ValueError, match=r"start_epoch: expected start_step=0 .* start_step=4 and start_epoch=1"
+    ):
+        QuantizationAwareTraining(start_step=4, start_epoch=1)
+
+
+def test_before_start_equals_float_training(make_trainer):
+    def train(callbacks):
+        L.seed_everything(0)
+        model = DigitsCNN(channels=[4, 8], hidden=16, dropout=0.0)
+        make_trainer(max_steps=4, callbacks=callbacks, limit_val_batches=0).fit(model, _ordered_digits())
+        return model
+
+    float_model = train([])
+    qat_model = train([QuantizationAwareTraining(start_step=5)])
+    expected = float_model.state_dict()
+    actual = qat_model.state_dict()
+    for key in expected:
+        assert torch.equal(expected[key], actual[key]), key
+    assert not qat_model.classifier[0].input_fake_quant.observer.initialized
+    assert not qat_model.features[0].conv.weight_fake_quant.fake_quant_enabled
+
+
+def test_start_step_turns_on_observers(make_trainer):
+    model = TwoInputRegressor()
+    callback = QuantizationAwareTraining(observer="minmax", start_step=2, freeze_observer_step=4)
+    make_trainer(max_steps=5, callbacks=[callback], limit_val_batches=0).fit(model, _range_batches())
+    observer = model.encoder.input_fake_quant.observer
+    # Only the batches of steps 2 and 3 were observed.
+    assert (observer.min_val.item(), observer.max_val.item()) == (-4.0, 4.0)
+    assert model.encoder.weight_fake_quant.fake_quant_enabled
+    assert model.encoder.input_fake_quant.fake_quant_enabled
+
+
+def test_start_epoch_converts_to_steps(make_trainer):
+    model = TwoInputRegressor()
+    callback = QuantizationAwareTraining(start_epoch=1, freeze_observer_step=7)
+    make_trainer(max_epochs=2, callbacks=[callback], limit_val_batches=0, accumulate_grad_batches=2).fit(
+        model, _range_batches()
+    )
+    # 5 batches with 2 accumulated per step make 3 optimizer steps per epoch.
+    assert callback.state_dict()["start_step"] == 3
+    with pytest.raises(ValueError, match=r"freeze_observer_step: expected a step >= the start step 5"):
+        make_trainer(
+            max_epochs=2,
+            callbacks=[QuantizationAwareTraining(start_epoch=1, freeze_observer_step=4)],
+            limit_val_batches=0,
+        ).fit(TwoInputRegressor(), _range_batches())
+
+
+@pytest.mark.parametrize("resume_epoch", [0, 1])
+def test_resume_across_start_step(make_trainer, tmp_path, resume_epoch):
+    def run(directory, ckpt_path=None):
+        L.seed_everything(0)
+        model = DigitsCNN(channels=[4, 8], hidden=16, dropout=0.0)
+        checkpoint = ModelCheckpoint(dirpath=tmp_path / directory, save_top_k=-1, every_n_epochs=1)
+        callback = QuantizationAwareTraining(
+            start_step=4, start_lr_scale=0.5, freeze_bn_step=5, freeze_observer_step=7
+        )
+        trainer = make_trainer(
+            max_epochs=3,
+            limit_train_batches=3,
+            limit_val_batches=1,
+            callbacks=[callback, checkpoint],
+            enable_checkpointing=True,
+        )
+        trainer.fit(model, _ordered_digits(), _ordered_digits(), ckpt_path=ckpt_path)
+        return model
+
+    straight = run("straight")
+    # Step 3 is before the start step 4, step 6 after it.
+    step = 3 * (resume_epoch + 1)
+    resumed = run("resumed", ckpt_path=tmp_path / "straight" / f"epoch={resume_epoch}-step={step}.ckpt")
+
+    expected, actual = straight.state_dict(), resumed.state_dict()
+    assert expected.keys() == actual.keys()
+    for key in expected:
+        assert torch.equal(expected[key], actual[key]), key
+
+
+def test_checkpoint_before_start_loads_as_float(make_trainer, tmp_path):
+    model = RestoringRegressor()
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    trainer = make_trainer(
+        max_steps=3,
+        callbacks=[QuantizationAwareTraining(start_step=10), checkpoint],
+        enable_checkpointing=True,
+    )
+    with pytest.warns(UserWarning, match=r"fit ended at step 3, before the start step 10"):
+        trainer.fit(model, regression_loader(), regression_loader())
+    loaded = RestoringRegressor.load_from_checkpoint(checkpoint.last_model_path)
+    assert not loaded.encoder.weight_fake_quant.fake_quant_enabled
+    plain = TwoInputRegressor()
+    plain.load_state_dict(
+        {key: value for key, value in loaded.state_dict().items() if "fake_quant" not in key}
+    )
+    loaded.eval()
+    plain.eval()
+    x, side, _ = next(iter(regression_loader()))
+    assert torch.equal(loaded(x, side), plain(x, side))
+
+
+def test_start_lr_scale_scales_once(make_trainer):
+    model = TwoInputRegressor(lr=0.05)
+    callback = QuantizationAwareTraining(start_step=2, start_lr_scale=0.1)
+    trainer = make_trainer(max_steps=4, callbacks=[callback], limit_val_batches=0)
+    trainer.fit(model, regression_loader(batches=4))
+    # StepLR(step_size=2) steps once per epoch, and the one epoch does not change the rate.
+    assert trainer.optimizers[0].param_groups[0]["lr"] == 0.05 * 0.1
+    assert trainer.lr_scheduler_configs[0].scheduler.base_lrs == [0.05 * 0.1]

@@ -236,6 +236,9 @@ class QATConvBn2d(QATConv2d):
             return fold_conv_bn(self.weight, self.bias, self.bn)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.weight_fake_quant.fake_quant_enabled:
+            # Before QAT starts the module must compute exactly what the float convolution computes.
+            return self._conv_forward(self.quantize_input(x), self.weight, self.bias)
         factor = bn_fold_factor(self.bn)
         folded = self.weight * factor.reshape(-1, 1, 1, 1)
         output = self._conv_forward(self.quantize_input(x), self.weight_fake_quant(folded), None)

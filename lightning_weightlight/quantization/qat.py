@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
@@ -34,6 +35,8 @@ from lightning_weightlight.selection import select_layers, validate_patterns, va
 log = logging.getLogger(__name__)
 
 RECORD_KEY = "qat_record"
+STARTED_KEY = "fake_quant_started"
+START_STEP_KEY = "start_step"
 QAT_TYPES = ("Linear", "Conv2d", "Embedding")
 
 
@@ -187,20 +190,38 @@ def set_observers(model: nn.Module, enabled: bool) -> None:
             module.input_fake_quant.observer_enabled = enabled
 
 
+def set_fake_quantization(modules: dict[str, nn.Module], enabled: bool) -> None:
+    """Turn the weight and input fake quantization of the given QAT modules on or off.
+
+    With it off (and the observers off), a QAT module computes exactly what its float layer computes.
+    """
+    for module in modules.values():
+        module.weight_fake_quant.fake_quant_enabled = enabled
+        if module.input_fake_quant is not None:
+            module.input_fake_quant.fake_quant_enabled = enabled
+
+
+def _find_qat_states(checkpoint: dict) -> list[dict]:
+    states = checkpoint.get("callbacks", {}) or {}
+    return [state for state in states.values() if isinstance(state, dict) and RECORD_KEY in state]
+
+
 def find_qat_records(checkpoint: dict) -> list[dict]:
     """Return the QAT swap records stored in a Lightning checkpoint by :class:`QuantizationAwareTraining`."""
-    states = checkpoint.get("callbacks", {}) or {}
-    return [state[RECORD_KEY] for state in states.values() if isinstance(state, dict) and RECORD_KEY in state]
+    return [state[RECORD_KEY] for state in _find_qat_states(checkpoint)]
 
 
 def restore_qat_layers(model: nn.Module, checkpoint: dict) -> None:
     """Replay the QAT swaps recorded in ``checkpoint`` on ``model`` before its weights load.
 
-    Call it from a LightningModule's ``on_load_checkpoint`` so that
-    ``YourModule.load_from_checkpoint(path)`` rebuilds the QAT modules first.
+    A checkpoint written before the callback's ``start_step`` restores its layers with fake
+    quantization off, as they were trained. Call it from a LightningModule's ``on_load_checkpoint``
+    so that ``YourModule.load_from_checkpoint(path)`` rebuilds the QAT modules first.
     """
-    for record in find_qat_records(checkpoint):
-        apply_qat_record(model, record)
+    for state in _find_qat_states(checkpoint):
+        modules = apply_qat_record(model, state[RECORD_KEY])
+        # Checkpoints without the key come from versions without a delayed start, so fake quantization was on.
+        set_fake_quantization(modules, state.get(STARTED_KEY, True))
 
 
 def load_qat_checkpoint(
@@ -233,9 +254,13 @@ class QuantizationAwareTraining(Callback):
     ``ckpt_path``. The swap record is saved in the callback's state; :func:`load_qat_checkpoint`
     uses it to load such a checkpoint into a fresh model.
 
-    Observers update on training batches only, until ``freeze_observer_step``. Fake quantization
-    is on from the first step and never turned off. BatchNorm layers folded into convolutions
-    switch to their running statistics from ``freeze_bn_step``.
+    Before ``start_step`` the QAT modules compute exactly what the float layers compute: fake
+    quantization and observers are both off, so a float model can train first and be fine-tuned
+    with QAT in the same fit. From ``start_step`` fake quantization is on, and observers update on
+    training batches only, until ``freeze_observer_step``. BatchNorm layers folded into
+    convolutions switch to their running statistics from ``freeze_bn_step``. All three count
+    ``trainer.global_step``, the same on every DDP rank. Whether fake quantization is on is saved in
+    the callback's state, so a resume on either side of the start step continues exactly.
 
     Args:
         include: Patterns of layer names to quantize (all layers of ``types`` when ``None``).
@@ -252,13 +277,22 @@ class QuantizationAwareTraining(Callback):
         percentile: Upper percentile of the percentile observer.
         learn_scale: Train the scales by LSQ (learned step size).
         fold_bn: Fold BatchNorm2d layers that directly follow a quantized Conv2d.
-        freeze_bn_step: Optimizer step from which folded BatchNorms use running statistics.
-        freeze_observer_step: Optimizer step from which the activation ranges stay fixed.
+        start_step: Optimizer step from which fake quantization and observers are on.
+        start_epoch: Epoch from which they are on, instead of ``start_step``. It is converted to
+            ``start_epoch`` times the optimizer steps per epoch when training starts.
+        start_lr_scale: Factor that multiplies every optimizer's learning rates (and the
+            ``base_lrs`` of their schedulers) once, at the start step, to fine-tune with QAT at a
+            lower rate than the float phase. ``1.0`` leaves them alone.
+        freeze_bn_step: Optimizer step from which folded BatchNorms use running statistics; not
+            before the start step.
+        freeze_observer_step: Optimizer step from which the activation ranges stay fixed; not before
+            the start step.
         convert_on_fit_end: Replace the QAT modules by int8 deploy modules when fit ends.
         strict: Raise when a pattern matches no layer, instead of warning.
 
     Example:
         >>> callback = QuantizationAwareTraining(freeze_observer_step=200, exclude_head=True)
+        >>> finetune = QuantizationAwareTraining(start_step=190, freeze_bn_step=237, freeze_observer_step=261)
     """
 
     def __init__(
@@ -277,6 +311,9 @@ class QuantizationAwareTraining(Callback):
         percentile: float = 99.99,
         learn_scale: bool = False,
         fold_bn: bool = True,
+        start_step: int = 0,
+        start_epoch: int | None = None,
+        start_lr_scale: float = 1.0,
         freeze_bn_step: int | None = None,
         freeze_observer_step: int | None = None,
         convert_on_fit_end: bool = False,
@@ -302,20 +339,58 @@ class QuantizationAwareTraining(Callback):
             percentile=percentile,
             learn_scale=learn_scale,
         )
+
+        if isinstance(start_step, bool) or not isinstance(start_step, int) or start_step < 0:
+            raise ValueError(f"start_step: expected an integer >= 0, but got {start_step!r}")
         for argument, value in (
+            ("start_epoch", start_epoch),
             ("freeze_bn_step", freeze_bn_step),
             ("freeze_observer_step", freeze_observer_step),
         ):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
                 raise ValueError(f"{argument}: expected None or an integer >= 0, but got {value!r}")
+        if (
+            isinstance(start_lr_scale, bool)
+            or not isinstance(start_lr_scale, (int, float))
+            or start_lr_scale <= 0
+        ):
+            raise ValueError(f"start_lr_scale: expected a number > 0, but got {start_lr_scale!r}")
+        if start_epoch is not None and start_step != 0:
+            raise ValueError(
+                f"start_epoch: expected start_step=0 when start_epoch is set, but got "
+                f"start_step={start_step} and start_epoch={start_epoch}; set only one of them"
+            )
+
         self.exclude_head = exclude_head
         self.fold_bn = fold_bn
+        self.start_step = start_step
+        self.start_epoch = start_epoch
+        self.start_lr_scale = float(start_lr_scale)
         self.freeze_bn_step = freeze_bn_step
         self.freeze_observer_step = freeze_observer_step
+        self._check_freeze_steps(start_step)
         self.convert_on_fit_end = convert_on_fit_end
         self.strict = strict
         self.record: dict | None = None
         self._restored_record: dict | None = None
+        # The start as an optimizer step; start_epoch is converted when training starts.
+        self._start_step: int | None = start_step if start_epoch is None else None
+        self._started = self._start_step == 0 or start_epoch == 0
+
+    def _check_freeze_steps(self, start_step: int) -> None:
+        for argument, value in (
+            ("freeze_bn_step", self.freeze_bn_step),
+            ("freeze_observer_step", self.freeze_observer_step),
+        ):
+            if value is not None and value < start_step:
+                raise ValueError(
+                    f"{argument}: expected a step >= the start step {start_step}, because nothing can "
+                    f"freeze before fake quantization starts, but got {value}"
+                )
+
+    def _set_started(self, pl_module: L.LightningModule, started: bool) -> None:
+        self._started = started
+        set_fake_quantization(qat_layers(pl_module), started)
 
     @property
     @override
@@ -341,15 +416,58 @@ class QuantizationAwareTraining(Callback):
                 strict=self.strict,
             )
         set_observers(pl_module, False)
+        self._set_started(pl_module, self._started)
         layers = [f"{name} [{entry['kind']}]" for name, entry in self.record["layers"].items()]
-        rank_zero_info(f"QuantizationAwareTraining: {len(layers)} layers fake quantized: {', '.join(layers)}")
+        start = f"step {self._start_step}" if self.start_epoch is None else f"epoch {self.start_epoch}"
+        rank_zero_info(
+            f"QuantizationAwareTraining: {len(layers)} layers fake quantized from {start}: "
+            + ", ".join(layers)
+        )
+
+    @override
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # A checkpoint's state is loaded after setup, so apply it to the modules here.
+        self._set_started(pl_module, self._started)
+
+    @override
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._set_started(pl_module, self._started)
+
+    @override
+    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._set_started(pl_module, self._started)
+
+    @override
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._set_started(pl_module, self._started)
+
+    @override
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.start_epoch is None or self._start_step is not None:
+            return
+        batches = trainer.num_training_batches
+        if math.isinf(batches):
+            raise ValueError(
+                f"start_epoch={self.start_epoch}: expected a train dataloader with a length, to convert "
+                "epochs to optimizer steps, but got one without; use start_step instead"
+            )
+        # NOTE: this assumes automatic optimization, where each epoch ends with an optimizer step.
+        steps_per_epoch = math.ceil(batches / trainer.accumulate_grad_batches)
+        self._start_step = self.start_epoch * steps_per_epoch
+        self._check_freeze_steps(self._start_step)
 
     @override
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         step = trainer.global_step
-        observing = self.freeze_observer_step is None or step < self.freeze_observer_step
+        started = step >= self._start_step
+        if started and not self._started:
+            rank_zero_info(f"QuantizationAwareTraining: fake quantization and observers start at step {step}")
+            if self.start_lr_scale != 1.0:
+                _scale_learning_rates(trainer, self.start_lr_scale)
+        self._set_started(pl_module, started)
+        observing = started and (self.freeze_observer_step is None or step < self.freeze_observer_step)
         set_observers(pl_module, observing)
         if self.freeze_bn_step is not None and step >= self.freeze_bn_step:
             for module in qat_layers(pl_module).values():
@@ -365,6 +483,11 @@ class QuantizationAwareTraining(Callback):
     @override
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         set_observers(pl_module, False)
+        if not self._started:
+            rank_zero_warn(
+                f"QuantizationAwareTraining: fit ended at step {trainer.global_step}, before the start step "
+                f"{self._start_step}, so the model was trained without fake quantization"
+            )
         rows = []
         for name, module in qat_layers(pl_module).items():
             quant = module.input_fake_quant
@@ -382,7 +505,7 @@ class QuantizationAwareTraining(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {RECORD_KEY: self.record}
+        return {RECORD_KEY: self.record, STARTED_KEY: self._started, START_STEP_KEY: self._start_step}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -394,6 +517,23 @@ class QuantizationAwareTraining(Callback):
                 f"{sorted(self.record['layers'])} (config {self.record['config']}); use the same arguments"
             )
         self._restored_record = restored
+        self._started = state_dict.get(STARTED_KEY, True)
+        if self.start_epoch is not None and state_dict.get(START_STEP_KEY) is not None:
+            # Keep the step that start_epoch became in the interrupted run, whatever the data now.
+            self._start_step = state_dict[START_STEP_KEY]
+
+
+def _scale_learning_rates(trainer: L.Trainer, factor: float) -> None:
+    """Multiply the learning rates of every optimizer and the ``base_lrs`` of its schedulers by ``factor``."""
+    for optimizer in trainer.optimizers:
+        for group in optimizer.param_groups:
+            group["lr"] *= factor
+    # NOTE: a scheduler that computes its rate from other saved values (OneCycleLR's max_lr, for
+    # one) overwrites the scaled rate at its next step.
+    for config in trainer.lr_scheduler_configs:
+        if hasattr(config.scheduler, "base_lrs"):
+            config.scheduler.base_lrs = [rate * factor for rate in config.scheduler.base_lrs]
+    rank_zero_info(f"QuantizationAwareTraining: learning rates multiplied by {factor} for QAT")
 
 
 def _format_table(rows: list[tuple]) -> str:

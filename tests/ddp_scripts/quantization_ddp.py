@@ -22,7 +22,10 @@ from lightning_weightlight.quantization.modules import qat_layers
 def main(output_dir: Path) -> None:
     L.seed_everything(0)
     model = DigitsCNN(channels=[4, 8], hidden=16)
-    callback = QuantizationAwareTraining(observer="moving_average", momentum=0.5, freeze_bn_step=3)
+    # QAT starts at step 2 of 6, so the ranks must also agree on the delayed start and the scaled rate.
+    callback = QuantizationAwareTraining(
+        observer="moving_average", momentum=0.5, start_step=2, start_lr_scale=0.5, freeze_bn_step=3
+    )
     trainer = L.Trainer(
         accelerator="cpu",
         devices=2,
