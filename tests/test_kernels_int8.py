@@ -13,8 +13,19 @@ import torch
 from lightning_weightlight.kernels import ops, packing, reference
 
 ISAS = ["avx512", "avx2", "scalar"]
-# (M, K, N): odd sizes, K not a multiple of 4 or 64, M = 1, more rows than one tile, empty sizes.
-SHAPES = [(1, 1, 1), (1, 7, 5), (3, 64, 17), (1, 384, 384), (9, 131, 40), (37, 33, 70), (0, 5, 3), (4, 0, 3)]
+# (M, K, N): odd sizes, K not a multiple of 4 or 64, M = 1, more rows than one tile, empty sizes,
+# and several row panels and K slabs of the cache-blocked AVX-512 kernel (M = 200, K = 2100).
+SHAPES = [
+    (1, 1, 1),
+    (1, 7, 5),
+    (3, 64, 17),
+    (1, 384, 384),
+    (9, 131, 40),
+    (37, 33, 70),
+    (0, 5, 3),
+    (4, 0, 3),
+    (200, 2100, 70),
+]
 FLOAT_TOL = {"rtol": 1e-5, "atol": 1e-5}
 
 

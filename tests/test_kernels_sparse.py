@@ -14,8 +14,9 @@ from lightning_weightlight.kernels import ops, packing, reference
 
 ISAS = ["avx512", "avx2", "scalar"]
 BLOCKS = list(packing.BLOCK_SHAPES)
-# (M, K, N): odd sizes, K not a multiple of 4 or 64, M = 1, several token chunks (M > 32).
-SHAPES = [(1, 7, 5), (1, 384, 96), (2, 33, 17), (9, 131, 40), (37, 70, 33), (0, 5, 3)]
+# (M, K, N): odd sizes, K not a multiple of 4 or 64, M = 1, several token chunks (M > 32), and
+# M = 8, one full chunk of the 8-token kernel.
+SHAPES = [(1, 7, 5), (1, 384, 96), (2, 33, 17), (9, 131, 40), (37, 70, 33), (0, 5, 3), (8, 65, 23)]
 FLOAT_TOL = {"rtol": 1e-5, "atol": 1e-5}
 
 
@@ -99,7 +100,7 @@ def test_sparse_linear_layouts():
 def test_sparse_linear_thread_count_independent(block):
     weight = pruned_weight(300, 200, 0.8, block, seed=4)
     sparse = packing.pack_sparse_weight(weight, packing.BLOCK_SHAPES[block])
-    for m in (1, 77):
+    for m in (1, 8, 77):
         x = torch.randn(m, 200, generator=torch.Generator().manual_seed(m))
         threads = torch.get_num_threads()
         try:

@@ -10,7 +10,8 @@
 // The activations are repacked into chunks of `width` tokens, (chunks, K_pad, width), so that
 // one block entry multiplies a vector of 16 or 32 tokens (AVX-512) or 8 or 16 (AVX2), and one
 // chunk (K_pad * width floats) stays in cache while every block row passes over it. With a
-// single token the AVX-512 kernels gather inputs instead (width 1).
+// single token the AVX-512 kernels gather inputs instead (width 1). For unstructured weights at
+// 2 to 8 tokens the AVX-512 kernel uses one chunk of 8 tokens and puts two nonzeros in a vector.
 // Each output is summed by one thread in a fixed order, whatever the thread count.
 #include <immintrin.h>
 
@@ -232,6 +233,51 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void single_row_gather_avx5
   a.out[n] = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) + bias_at(a, n);
 }
 
+// acc plus the products of nonzeros b and b + 1 with their 8 token lanes (lanes 0-7 and 8-15).
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) inline __m512 pair_product(
+    const float* x, const uint16_t* idx, const float* vals, int32_t b, __m512 acc) {
+  const __m512i halves = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+  const __m512 xv = _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_loadu_ps(x + idx[b] * 8)),
+                                       _mm256_loadu_ps(x + idx[b + 1] * 8), 1);
+  const __m128 two_values = _mm_castsi128_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(vals + b)));
+  const __m512 wv = _mm512_permutexvar_ps(halves, _mm512_castps128_ps512(two_values));
+  return _mm512_fmadd_ps(wv, xv, acc);
+}
+
+// Unstructured weights at 2 to 8 tokens, in one chunk of 8 tokens: one vector contains the token
+// lanes of two nonzeros (lanes 0-7 the first, 8-15 the second), so no lane is padding at M = 8 and
+// the packed activations (K_pad x 8 floats) take half the cache of 16-token chunks.
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma"))) void pair_row_avx512(const SparseArgs& a,
+                                                                                  int64_t n, int64_t) {
+  const int32_t end = a.row_ptr[n + 1];
+  const float* x = a.xt;
+  const uint16_t* idx = a.col_idx;
+  const float* vals = a.values;
+  __m512 acc0 = _mm512_setzero_ps();
+  __m512 acc1 = _mm512_setzero_ps();
+  __m512 acc2 = _mm512_setzero_ps();
+  __m512 acc3 = _mm512_setzero_ps();
+  int32_t b = a.row_ptr[n];
+  for (; b + 8 <= end; b += 8) {
+    acc0 = pair_product(x, idx, vals, b, acc0);
+    acc1 = pair_product(x, idx, vals, b + 2, acc1);
+    acc2 = pair_product(x, idx, vals, b + 4, acc2);
+    acc3 = pair_product(x, idx, vals, b + 6, acc3);
+  }
+  for (; b + 2 <= end; b += 2) {
+    acc0 = pair_product(x, idx, vals, b, acc0);
+  }
+  __m512 sum = _mm512_add_ps(_mm512_add_ps(acc0, acc1), _mm512_add_ps(acc2, acc3));
+  __m256 tokens = _mm256_add_ps(_mm512_castps512_ps256(sum), _mm512_extractf32x8_ps(sum, 1));
+  if (b < end) {
+    tokens = _mm256_fmadd_ps(_mm256_set1_ps(vals[b]), _mm256_loadu_ps(x + idx[b] * 8), tokens);
+  }
+  tokens = _mm256_add_ps(tokens, _mm256_set1_ps(bias_at(a, n)));
+  const __m256i offsets = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+                                             _mm256_set1_epi32(static_cast<int32_t>(a.n)));
+  _mm256_mask_i32scatter_ps(a.out + n, static_cast<__mmask8>(tail_mask_avx512(a.m)), offsets, tokens, 4);
+}
+
 // Column blocks (R > 1) at M = 1: each input feeds R outputs, held in the lanes of one vector.
 template <int R, int C>
 __attribute__((target("avx512f,avx512bw,avx512vl"))) void single_row_blocks_avx512(const SparseArgs& a,
@@ -283,6 +329,11 @@ KernelChoice avx512_kernel(int64_t m) {
       return {single_row_gather_avx512<R, C>, 1};
     } else {
       return {single_row_blocks_avx512<R, C>, 1};
+    }
+  }
+  if constexpr (R == 1 && C == 1) {
+    if (m <= 8) {
+      return {pair_row_avx512, 8};
     }
   }
   // One vector of 16 tokens for small batches, two (a 32-token chunk) above.
