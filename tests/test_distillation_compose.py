@@ -1,8 +1,7 @@
 """DistillationModule beside WeightPruning, StructuredPruning and QuantizationAwareTraining.
 
-The callbacks see the DistillationModule, so the student's layers are named ``student.<name>``
-there. Patterns are meant to use the student's own names, through ``compression_target``. The
-tests marked xfail pass once the callbacks select layers on it.
+The callbacks see the DistillationModule, where the student's layers are named
+``student.<name>``; their patterns use the student's own names, through ``compression_target``.
 """
 
 from __future__ import annotations
@@ -17,10 +16,6 @@ from lightning_weightlight.distillation import DistillationModule, compression_t
 pruning = pytest.importorskip("lightning_weightlight.pruning")
 structured = pytest.importorskip("lightning_weightlight.pruning.structured")
 quantization = pytest.importorskip("lightning_weightlight.quantization")
-
-CALLBACKS_USE_WRAPPER_NAMES = pytest.mark.xfail(
-    strict=True, reason="the callbacks select layers on the DistillationModule, not on compression_target"
-)
 
 
 @pytest.fixture(scope="module")
@@ -54,16 +49,9 @@ def zero_count(module: nn.Module) -> int:
     return int((module.weight == 0).sum())
 
 
-@pytest.mark.parametrize(
-    "include",
-    [
-        pytest.param("student.features.*", id="wrapper-names"),
-        pytest.param("features.*", id="student-names", marks=CALLBACKS_USE_WRAPPER_NAMES),
-    ],
-)
-def test_weight_pruning_prunes_student_only(make_trainer, digits, tmp_path, include):
+def test_weight_pruning_prunes_student_only(make_trainer, digits, tmp_path):
     module, teacher, before = distiller()
-    callback = pruning.WeightPruning(sparsity=0.5, include=include)
+    callback = pruning.WeightPruning(sparsity=0.5, include="features.*")
     trainer = make_trainer(max_epochs=1, limit_train_batches=3, limit_val_batches=1, callbacks=[callback])
     trainer.fit(module, digits)
 
@@ -80,16 +68,9 @@ def test_weight_pruning_prunes_student_only(make_trainer, digits, tmp_path, incl
     assert zero_count(fresh.features[1].conv) == round(0.5 * fresh.features[1].conv.weight.numel())
 
 
-@pytest.mark.parametrize(
-    "include",
-    [
-        pytest.param("student.features.*", id="wrapper-names"),
-        pytest.param("features.*", id="student-names", marks=CALLBACKS_USE_WRAPPER_NAMES),
-    ],
-)
-def test_qat_swaps_student_layers_only(make_trainer, digits, include):
+def test_qat_swaps_student_layers_only(make_trainer, digits):
     module, teacher, before = distiller()
-    callback = quantization.QuantizationAwareTraining(include=include)
+    callback = quantization.QuantizationAwareTraining(include="features.*")
     trainer = make_trainer(max_epochs=1, limit_train_batches=3, limit_val_batches=1, callbacks=[callback])
     trainer.fit(module, digits)
 
@@ -99,16 +80,9 @@ def test_qat_swaps_student_layers_only(make_trainer, digits, include):
     assert_teacher_unchanged(teacher, before)
 
 
-@pytest.mark.parametrize(
-    "ignore",
-    [
-        pytest.param("student.classifier.*", id="wrapper-names"),
-        pytest.param("classifier.*", id="student-names", marks=CALLBACKS_USE_WRAPPER_NAMES),
-    ],
-)
-def test_structured_pruning_shrinks_student_only(make_trainer, digits, ignore):
+def test_structured_pruning_shrinks_student_only(make_trainer, digits):
     module, teacher, before = distiller()
-    callback = structured.StructuredPruning(amount=0.5, importance="l1", ignore=ignore, strict=True)
+    callback = structured.StructuredPruning(amount=0.5, importance="l1", ignore="classifier.*", strict=True)
     trainer = make_trainer(max_epochs=1, limit_train_batches=3, limit_val_batches=1, callbacks=[callback])
     trainer.fit(module, digits)
 

@@ -22,6 +22,7 @@ from tabulate import tabulate
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lightning_weightlight.distillation.module import compression_target
 from lightning_weightlight.pruning.masks import (
     apply_masks,
     compute_masks,
@@ -165,7 +166,8 @@ class _PruningCallback(Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        self._names = self._select_parameters(pl_module)
+        # Layer names are the student's own when pl_module is a DistillationModule.
+        self._names = self._select_parameters(compression_target(pl_module))
         self._reset_state()
 
     # State.
@@ -214,7 +216,8 @@ class _PruningCallback(Callback):
                 f"but got epoch arguments in {self.schedule!r}"
             )
         self._schedule_in_steps = self.schedule.in_steps(steps_per_epoch or 1)
-        self._params = {name: pl_module.get_parameter(name) for name in self._names}
+        target = compression_target(pl_module)
+        self._params = {name: target.get_parameter(name) for name in self._names}
         if self._loaded_state is not None:
             self._restore(self._loaded_state)
             self._loaded_state = None

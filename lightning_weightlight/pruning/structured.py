@@ -20,6 +20,7 @@ from tabulate import tabulate
 from torch import nn
 from typing_extensions import override
 
+from lightning_weightlight.distillation.module import compression_target
 from lightning_weightlight.pruning import structured_core as core
 from lightning_weightlight.pruning.structured_lightning import (
     STATE_FORMAT,
@@ -225,20 +226,24 @@ class StructuredPruning(Callback):
         An ``ignore`` pattern that matches no layer raises with ``strict``, and otherwise warns
         when ``warn`` is true (on rank zero only, in the callback).
         """
-        names = [name for name, _ in model.named_modules() if name]
+        # Patterns use the student's own layer names when model is a DistillationModule; the
+        # returned names are qualified in model, where the dependency graph is built.
+        target = compression_target(model)
+        prefix = next(name for name, module in model.named_modules() if module is target)
+        names = [name for name, _ in target.named_modules() if name]
         for pattern in self.ignore:
             if not any(matches_any(name, [pattern]) for name in names):
-                message = f"ignore: pattern {pattern!r} matches no layer of {type(model).__name__}"
+                message = f"ignore: pattern {pattern!r} matches no layer of {type(target).__name__}"
                 if self.strict:
                     raise NoLayerMatchedError(message)
                 if warn:
                     warnings.warn(message, UserWarning, stacklevel=2)
         ignored = {name for name in names if matches_any(name, self.ignore)}
         if self.ignore_head:
-            head = last_layer_name(model) or last_layer_name(model, self.layer_types)
+            head = last_layer_name(target) or last_layer_name(target, self.layer_types)
             if head is not None:
                 ignored.add(head)
-        return ignored
+        return {f"{prefix}.{name}" if prefix else name for name in ignored}
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:

@@ -22,6 +22,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
+from lightning_weightlight.distillation.module import compression_target
 from lightning_weightlight.quantization.modules import (
     QATConfig,
     QATConv2d,
@@ -401,12 +402,14 @@ class QuantizationAwareTraining(Callback):
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if self.record is not None and qat_layers(pl_module):
+        # Layer names are the student's own when pl_module is a DistillationModule.
+        model = compression_target(pl_module)
+        if self.record is not None and qat_layers(model):
             # A second fit with the same callback: the model was swapped already.
-            apply_qat_record(pl_module, self.record)
+            apply_qat_record(model, self.record)
         else:
             self.record = prepare_qat(
-                pl_module,
+                model,
                 self.config,
                 include=self.include or None,
                 exclude=self.exclude or None,
@@ -489,7 +492,7 @@ class QuantizationAwareTraining(Callback):
                 f"{self._start_step}, so the model was trained without fake quantization"
             )
         rows = []
-        for name, module in qat_layers(pl_module).items():
+        for name, module in qat_layers(compression_target(pl_module)).items():
             quant = module.input_fake_quant
             scale, zero_point = (
                 quant.qparams() if quant is not None and quant.mode == "static" else (None, None)
