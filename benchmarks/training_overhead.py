@@ -10,6 +10,8 @@ step time of each case and its ratio to the dense case.
   is the cost per step between pruning events.
 - ``dynamic_pruning`` keeps 90% sparsity and updates its masks every ``--update-every`` steps; its
   timed window covers whole update intervals, and its ratio is the mean over them.
+- ``qat`` fake quantizes every Linear layer (int8 weights per channel, uint8 static inputs) from
+  step 0. ``benchmarks/training_overhead_qat.py`` times the same comparison without a Trainer.
 
 Add a case by adding an entry to ``CASES``: a function that returns the callbacks, and which steps to
 time.
@@ -34,6 +36,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_weightlight.pruning import DynamicPruning, WeightPruning
+from lightning_weightlight.quantization import QuantizationAwareTraining
 
 
 class SameBatch(Dataset):
@@ -154,6 +157,11 @@ CASES: dict[str, Case] = {
         ],
         _update_intervals,
         "90%, RigL update every --update-every steps; mean over whole intervals",
+    ),
+    "qat": Case(
+        lambda args: [QuantizationAwareTraining()],
+        _steady_steps,
+        "int8 fake quantization of weights and inputs from step 0 (target: at most 1.5x dense)",
     ),
 }
 

@@ -178,7 +178,18 @@ def run(settings: PipelineSettings) -> CompressionReport:
     return report
 
 
-def main(argv: list[str] | None = None) -> CompressionReport:
+def train_config(config: Path) -> float:
+    """Train a ``weightlight fit`` YAML file, test its best checkpoint and return the test accuracy."""
+    from lightning_weightlight.cli import main as cli_main
+
+    cli = cli_main(["fit", "--config", str(config)])
+    results = cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path="best", verbose=False)
+    accuracy = float(results[0]["test_acc"])
+    print(f"\nTest accuracy of the best checkpoint: {accuracy:.2%} ({config})")
+    return accuracy
+
+
+def main(argv: list[str] | None = None) -> CompressionReport | float:
     """Parse the command line of ``python -m lightning_weightlight.demo`` and run the job."""
     parser = argparse.ArgumentParser(prog="python -m lightning_weightlight.demo", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="a few batches per stage, for tests")
@@ -189,7 +200,17 @@ def main(argv: list[str] | None = None) -> CompressionReport:
         help="folder for checkpoints, logs and report",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the data split and the training")
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="instead of the full job, train this `weightlight fit` YAML file and test its best checkpoint",
+    )
     args = parser.parse_args(argv)
+    if args.config is not None:
+        if not args.config.is_file():
+            parser.error(f"--config: file not found: {args.config}")
+        return train_config(args.config)
     settings = (
         PipelineSettings.quick(args.output_dir)
         if args.quick
