@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class PipelineSettings:
-    """Budgets and sizes of the demo job; ``quick()`` shrinks them for tests."""
+    """Budgets and sizes of the demo job. ``quick()`` shrinks them for tests."""
 
     teacher_epochs: int = 15
     student_epochs: int = 30
