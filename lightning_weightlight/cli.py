@@ -156,5 +156,14 @@ def main(args: list[str] | None = None) -> object:
     return _build_cli(args)
 
 
-if __name__ == "__main__":
+def console_main() -> None:
+    """Entry point of the ``weightlight`` console script.
+
+    It returns ``None`` so that the exit status is 0 after a successful run: the script's wrapper
+    passes the return value to ``sys.exit``, which would print any object and exit with 1.
+    """
     main()
+
+
+if __name__ == "__main__":
+    console_main()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import yaml
@@ -100,3 +101,24 @@ def test_bad_model_argument_names_it(python_executable, tmp_path):
     result = run_cli(python_executable, ["fit", "--model.init_args.lr=-1", *QUICK], cwd=tmp_path)
     assert result.returncode != 0
     assert "lr" in result.stderr
+
+
+def test_console_script_exits_zero(tmp_path):
+    # The installed `weightlight` script passes main's return value to sys.exit.
+    script = Path(sys.executable).parent / "weightlight"
+    assert script.is_file(), f"the console script is not installed beside {sys.executable}"
+    result = subprocess.run(
+        [
+            str(script),
+            "fit",
+            "--config",
+            str(CONFIGS / "digits_baseline.yaml"),
+            *QUICK,
+            f"--trainer.default_root_dir={tmp_path}",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]

@@ -267,3 +267,12 @@ def test_unconverted_qat_layer_rejected_at_save(tmp_path):
     with pytest.raises(TypeError, match=r"layer 'features\.1' is a QATLinear.*run compress\(\) first"):
         save_compressed(model, tmp_path / "qat.safetensors")
     assert not (tmp_path / "qat.safetensors").exists()
+
+
+def test_saved_file_mode_follows_umask(tmp_path):
+    previous = os.umask(0o022)
+    try:
+        path = save_compressed(DigitsMLP(hidden=[16]), tmp_path / "model.safetensors")
+    finally:
+        os.umask(previous)
+    assert path.stat().st_mode & 0o777 == 0o644

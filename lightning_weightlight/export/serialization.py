@@ -147,6 +147,11 @@ def _atomic_write(path: Path, data: bytes) -> None:
         with handle:
             handle.write(data)
             handle.flush()
+            # NamedTemporaryFile creates the file with mode 0600; give it the mode a plain open()
+            # would, so that a serving process of another user can read the model.
+            umask = os.umask(0)
+            os.umask(umask)
+            os.fchmod(handle.fileno(), 0o666 & ~umask)
             os.fsync(handle.fileno())
         os.replace(handle.name, path)
     except BaseException:
