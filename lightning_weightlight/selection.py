@@ -1,4 +1,4 @@
-"""Which layers a callback touches: name patterns, module types and exclusions.
+"""Layer selection for callbacks: name patterns, module types and exclusions.
 
 Callbacks take plain strings so that LightningCLI can build them from YAML. A pattern is a
 shell-style glob over the qualified module name (``"features.*.conv"``, ``"classifier.*"``) or,
@@ -106,7 +106,7 @@ def select_layers(
         exclude_head: Leave out the last Linear layer of the model (the usual output head).
         strict: Raise :class:`NoLayerMatchedError` when a pattern of ``include`` or ``exclude``
             matches no layer of the right type; otherwise warn and name the pattern.
-        argument: Name of the caller's argument that holds ``include``, used in messages.
+        argument: Name of the caller's argument that contains ``include``, used in messages.
 
     Returns:
         The selected modules by qualified name, in registration order.

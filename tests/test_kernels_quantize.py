@@ -28,7 +28,9 @@ def test_quantize_per_row_matches_reference(isa, shape):
     x = torch.randn(shape, generator=generator) * 4.0
     q, scale, zero_point = ops.quantize_per_row(x)
     q_ref, scale_ref, zp_ref = reference.quantize_per_row(x)
-    assert q.dtype == torch.uint8 and scale.dtype == torch.float32 and zero_point.dtype == torch.int32
+    assert q.dtype == torch.uint8
+    assert scale.dtype == torch.float32
+    assert zero_point.dtype == torch.int32
     assert torch.equal(q, q_ref)
     assert torch.equal(scale, scale_ref)
     assert torch.equal(zero_point, zp_ref)

@@ -2,7 +2,7 @@
 
 Order of attempts: the module built at install time (``lightning_weightlight._C``), then a JIT
 build of ``csrc/`` cached per torch version and source hash, then nothing: the Python wrappers
-fall back to the pure-PyTorch reference and one warning says so. ``WEIGHTLIGHT_REQUIRE_CPP=1``
+fall back to the pure-PyTorch reference, and one warning reports it. ``WEIGHTLIGHT_REQUIRE_CPP=1``
 turns a missing extension into an ``ImportError``; ``WEIGHTLIGHT_NO_JIT=1`` skips the JIT build.
 """
 
@@ -26,7 +26,7 @@ HAS_CPP = False
 """Whether the compiled operators are registered in this process."""
 
 LOAD_ERROR: str | None = None
-"""Why the compiled operators could not be loaded, when they could not."""
+"""Reason the compiled operators could not be loaded, or ``None`` when they were."""
 
 
 class ExtensionNotAvailableError(ImportError):

@@ -61,7 +61,7 @@ def dequantize_affine(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Te
 def fake_quantize_affine(
     x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int
 ) -> torch.Tensor:
-    """Quantize and dequantize in float32, the value that training sees."""
+    """Quantize and dequantize in float32, which gives the value that training uses."""
     return dequantize_affine(quantize_affine(x, scale, zero_point, qmin, qmax), scale, zero_point)
 
 
