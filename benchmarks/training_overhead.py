@@ -58,11 +58,14 @@ class SameBatch(Dataset):
 
 
 class WideMLP(L.LightningModule):
-    """Four ``width x width`` Linear layers with ReLU between them, trained with Adam on MSE."""
+    """Four ``width x width`` Linear layers with ReLU between them, trained on MSE.
 
-    def __init__(self, width: int, batch_size: int, steps: int) -> None:
+    The optimizer is the one that ``--optimizer`` names.
+    """
+
+    def __init__(self, width: int, batch_size: int, steps: int, optimizer: str = "adam-fused") -> None:
         super().__init__()
-        self.width, self.batch_size, self.steps = width, batch_size, steps
+        self.width, self.batch_size, self.steps, self.optimizer = width, batch_size, steps, optimizer
         self.layers = nn.Sequential(
             nn.Linear(width, width),
             nn.ReLU(),
@@ -78,7 +81,9 @@ class WideMLP(L.LightningModule):
         return F.mse_loss(self.layers(inputs), targets)
 
     def configure_optimizers(self):
-        return torch.optim.Adam(self.parameters(), lr=1e-4)
+        if self.optimizer == "sgd":
+            return torch.optim.SGD(self.parameters(), lr=1e-3, momentum=0.9)
+        return torch.optim.Adam(self.parameters(), lr=1e-4, fused=self.optimizer == "adam-fused")
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(SameBatch(self.batch_size, self.width, self.steps), batch_size=None)
@@ -183,7 +188,7 @@ def time_case(case: Case, args: argparse.Namespace) -> tuple[list[float], list[f
         enable_model_summary=False,
         callbacks=[timer, *callbacks],
     )
-    trainer.fit(WideMLP(args.width, args.batch_size, args.steps))
+    trainer.fit(WideMLP(args.width, args.batch_size, args.steps, args.optimizer))
     steps = case.timed_steps(args)
     return [timer.times[step] for step in steps], [timer.callback_times[step] for step in steps]
 
@@ -202,7 +207,19 @@ def main(argv: list[str] | None = None) -> list[list]:
     parser.add_argument("--rounds", type=int, default=3, help="times every case is trained, taking turns")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES), help="cases to run")
+    parser.add_argument(
+        "--optimizer",
+        default="adam-fused",
+        choices=["adam-fused", "adam", "sgd"],
+        help="Adam with fused=True (the fastest CPU step), Adam's default step, or SGD with momentum",
+    )
     args = parser.parse_args(argv)
+    if "dynamic_pruning" in args.cases and not _update_intervals(args):
+        parser.error(
+            f"--steps: expected room for at least one whole update interval of {args.update_every} steps "
+            f"after the {args.warmup} warm-up steps, but got {args.steps}; pass --steps "
+            f"{-(-args.warmup // args.update_every) * args.update_every + args.update_every} or more"
+        )
     torch.set_num_threads(args.threads)
 
     times: dict[str, list[float]] = {name: [] for name in args.cases}
@@ -237,7 +254,7 @@ def main(argv: list[str] | None = None) -> list[list]:
         own_ratio = f"{sum(times[name]) / (sum(times[name]) - in_callbacks):.3f}"
         rows.append([name, f"{median * 1e3:.1f}", f"{mean * 1e3:.1f}", ratio, own_ratio, CASES[name].note])
     print(
-        f"{args.width}-wide 4-layer MLP, batch {args.batch_size}, Adam, {args.threads} threads, "
+        f"{args.width}-wide 4-layer MLP, batch {args.batch_size}, {args.optimizer}, {args.threads} threads, "
         f"{args.rounds} rounds of {args.steps} steps per case"
     )
     print(

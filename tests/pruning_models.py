@@ -35,6 +35,12 @@ class UserRegressor(L.LightningModule):
     def configure_optimizers(self):
         if self.optimizer_name == "sgd":
             optimizer = torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+        elif self.optimizer_name == "adam-fused":
+            optimizer = torch.optim.Adam(self.parameters(), lr=1e-2, fused=True)
+        elif self.optimizer_name == "rmsprop":
+            optimizer = torch.optim.RMSprop(self.parameters(), lr=1e-3, momentum=0.9)
+        elif self.optimizer_name == "drifting":
+            optimizer = DriftingSGD(self.parameters(), lr=0.05)
         else:
             optimizer = torch.optim.AdamW(self.parameters(), lr=1e-2, weight_decay=1e-2)
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=5, gamma=0.5)
@@ -45,6 +51,18 @@ class UserRegressor(L.LightningModule):
         features = torch.randn(self.samples, 16, generator=generator)
         targets = torch.randn(self.samples, 4, generator=generator)
         return DataLoader(TensorDataset(features, targets), batch_size=self.batch_size, shuffle=False)
+
+
+class DriftingSGD(torch.optim.SGD):
+    """SGD that also adds 0.01 to every weight after its step: an optimizer that regrows zeros."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = super().step(closure)
+        for group in self.param_groups:
+            for param in group["params"]:
+                param.add_(0.01)
+        return loss
 
 
 class TiedEmbeddingModel(UserRegressor):

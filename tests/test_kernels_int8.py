@@ -7,14 +7,19 @@ dequantization step (a fused multiply-add may round once where the reference rou
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
 from lightning_weightlight.kernels import ops, packing, reference
 
-ISAS = ["avx512", "avx2", "scalar"]
+# "amx" runs the AVX-512 code on a CPU without AMX tiles (set_isa caps at the best supported set).
+ISAS = ["amx", "avx512", "avx2", "scalar"]
 # (M, K, N): odd sizes, K not a multiple of 4 or 64, M = 1, more rows than one tile, empty sizes,
-# and several row panels and K slabs of the cache-blocked AVX-512 kernel (M = 200, K = 2100).
+# several row panels and K slabs of the cache-blocked AVX-512 kernel (M = 200, K = 2100), and for
+# the AMX tiles: one 64-input step with a partial row tile (17, 64, 33), a K tail after the tile
+# steps with a second row tile of 8 rows (40, 1031, 50), and whole 32 x 32 tiles (128, 384, 384).
 SHAPES = [
     (1, 1, 1),
     (1, 7, 5),
@@ -25,6 +30,9 @@ SHAPES = [
     (0, 5, 3),
     (4, 0, 3),
     (200, 2100, 70),
+    (17, 64, 33),
+    (40, 1031, 50),
+    (128, 384, 384),
 ]
 FLOAT_TOL = {"rtol": 1e-5, "atol": 1e-5}
 
@@ -150,6 +158,31 @@ def test_int8_linear_thread_count_independent():
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(single, double)
+
+
+def cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    line = next((line for line in text.splitlines() if line.startswith("flags")), "")
+    return set(line.split(":", 1)[-1].split())
+
+
+@pytest.mark.skipif("amx_int8" not in cpu_flags(), reason="this CPU has no AMX int8 tiles")
+def test_amx_tiles_are_used_and_equal_the_avx512_path():
+    assert ops.set_isa("auto") == "amx"
+    q_w, w_scale, bias = make_layer(200, 1031, seed=3)
+    packed = packing.pack_int8_weight(q_w)
+    x = torch.randn(97, 1031, generator=torch.Generator().manual_seed(4)) * 2.0
+    try:
+        with_tiles = ops.int8_linear(x, packed.packed, packed.sums, w_scale, bias)
+        assert ops.set_isa("avx512") == "avx512"
+        without_tiles = ops.int8_linear(x, packed.packed, packed.sums, w_scale, bias)
+    finally:
+        ops.set_isa("auto")
+    # The integer sums are exact on both paths, so the float outputs are identical.
+    assert torch.equal(with_tiles, without_tiles)
 
 
 def test_int8_linear_rejects_bad_arguments():

@@ -7,7 +7,7 @@ import torch
 
 from lightning_weightlight.kernels import ops, reference
 
-ISAS = ["avx512", "avx2", "scalar"]
+ISAS = ["amx", "avx512", "avx2", "scalar"]
 SHAPES = [(1, 1), (1, 384), (3, 17), (8, 63), (5, 0), (0, 7), (33, 1031), (128, 384)]
 
 

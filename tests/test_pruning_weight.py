@@ -76,7 +76,7 @@ def test_global_scope_counts_across_layers(make_trainer):
     assert len(set(per_layer.values())) > 1
 
 
-@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+@pytest.mark.parametrize("optimizer", ["adam", "sgd", "adam-fused", "rmsprop", "drifting"])
 def test_pruned_weights_and_grads_stay_zero(make_trainer, optimizer):
     model = UserRegressor(optimizer=optimizer)
     params_before = {name: param for name, param in model.named_parameters()}
@@ -90,6 +90,20 @@ def test_pruned_weights_and_grads_stay_zero(make_trainer, optimizer):
         assert param is params_before[name], name
     for name in HIDDEN:
         assert zeros(model.get_parameter(name)) == round(0.6 * model.get_parameter(name).numel())
+
+
+@pytest.mark.parametrize(("optimizer", "key"), [("adam", "exp_avg"), ("sgd", "momentum_buffer")])
+def test_momentum_of_pruned_entries_is_zeroed(make_trainer, optimizer, key):
+    # Dense steps first fill the momentum; pruning then zeroes it at the pruned entries.
+    model = UserRegressor(optimizer=optimizer)
+    pruning = WeightPruning(schedule=OneShot(0.6, step=4))
+    trainer = make_trainer(max_steps=8, callbacks=[pruning])
+    trainer.fit(model)
+    state = trainer.optimizers[0].state
+    for name, mask in pruning.state_dict()["masks"].items():
+        momentum = state[model.get_parameter(name)][key]
+        assert int((momentum[~mask] != 0).sum()) == 0, name
+        assert int((momentum[mask] != 0).sum()) > 0, name
 
 
 def test_no_hooks_and_clean_state_dict(make_trainer, tmp_path):
@@ -330,3 +344,14 @@ def test_event_at_last_step_applied_at_end(make_trainer):
     with pytest.warns(UserWarning, match=r"the last pruning event is at step 4, but training stops after 4"):
         make_trainer(max_steps=4, callbacks=[pruning]).fit(model)
     assert zeros(model.encoder[0].weight) == 256
+
+
+@pytest.mark.parametrize(("optimizer", "hinted"), [("adam", True), ("adam-fused", False), ("sgd", False)])
+def test_hint_for_unfused_adam_on_cpu(make_trainer, caplog, optimizer, hinted):
+    with caplog.at_level(logging.INFO, logger="lightning_weightlight"):
+        trainer = make_trainer(max_steps=2, callbacks=[WeightPruning(sparsity=0.5)])
+        trainer.fit(UserRegressor(optimizer=optimizer))
+    hints = [record.getMessage() for record in caplog.records if "fused=True" in record.getMessage()]
+    assert len(hints) == int(hinted)
+    if hinted:
+        assert hints[0].startswith("WeightPruning: AdamW runs its unfused step on CPU parameters")

@@ -65,7 +65,7 @@ float scalar_value(const at::Tensor& t, const char* name, const char* op) {
 
 void quantize_row_static(const float* x, int64_t k, float scale, int32_t zero_point, uint8_t* q, Isa isa) {
   const float zp = static_cast<float>(zero_point);
-  if (isa == Isa::kAvx512Vnni) {
+  if (has_avx512(isa)) {
     quantize_static_avx512(x, k, scale, zp, q);
   } else if (isa == Isa::kAvx2) {
     quantize_static_avx2(x, k, scale, zp, q);

@@ -245,7 +245,7 @@ struct TileShape {
 };
 
 TileShape tile_shape(Isa isa, int64_t m) {
-  if (isa == Isa::kAvx512Vnni) {
+  if (has_avx512(isa)) {
     // One activation row uses 8 independent accumulators to cover the 4-cycle latency of
     // vpdpbusd. Up to 4 rows share one pass over the weights, so small batches read them once;
     // larger batches take the cache-blocked path.
@@ -322,6 +322,139 @@ void blocked_gemm_avx512(const uint8_t* q_ptr, const int8_t* w_ptr, int64_t m, i
   });
 }
 
+// ---------------------------------------------------------------------------------------------
+// AMX: the tile form of the same product. A tile is 16 activation rows by 64 inputs (uint8), a B
+// tile is 16 groups of 4 inputs of one 16-column weight block, which is exactly one block of the
+// packed layout (16 rows of 64 bytes), and tdpbusd adds their product to a 16 x 16 int32 tile, with
+// the wrap-around of vpdpbusd. A task walks the same panels as the AVX-512 path: 32 rows by 2
+// blocks at a time, the four sum tiles (tmm0-3) held over the whole of K; inputs past the last
+// multiple of 64 are added by the AVX-512 tiles.
+
+struct alignas(64) AmxConfig {
+  uint8_t palette_id;
+  uint8_t start_row;
+  uint8_t reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+// tmm0, tmm1: sums of the first 16 rows (blocks j, j + 1); tmm2, tmm3: of the next rows1 rows;
+// tmm4, tmm5: their activations; tmm6, tmm7: the two weight blocks.
+__attribute__((target("amx-tile,amx-int8"))) void configure_amx(int rows0, int rows1) {
+  AmxConfig config{};
+  config.palette_id = 1;
+  const int rows[8] = {rows0, rows0, rows1, rows1, rows0, rows1, 16, 16};
+  for (int t = 0; t < 8; ++t) {
+    config.rows[t] = static_cast<uint8_t>(std::max(rows[t], 1));
+    config.colsb[t] = 64;
+  }
+  // GCC 12's _tile_loadconfig tells the compiler it reads only part of the 64 bytes, which lets it
+  // drop the stores above; this barrier keeps them.
+  __asm__ __volatile__("" : : "r"(&config) : "memory");
+  _tile_loadconfig(&config);
+}
+
+template <bool kTwoRowTiles, bool kTwoBlocks>
+__attribute__((target("amx-tile,amx-int8"))) void amx_tiles(const uint8_t* qx, int64_t ldx, const int8_t* w,
+                                                             int64_t block_bytes, int64_t steps, int32_t* acc) {
+  constexpr int64_t kAccBytes = kAccStride * sizeof(int32_t);
+  _tile_zero(0);
+  if constexpr (kTwoBlocks) {
+    _tile_zero(1);
+  }
+  if constexpr (kTwoRowTiles) {
+    _tile_zero(2);
+    if constexpr (kTwoBlocks) {
+      _tile_zero(3);
+    }
+  }
+  for (int64_t step = 0; step < steps; ++step) {
+    _tile_loadd(4, qx + 64 * step, ldx);
+    _tile_loadd(6, w + 1024 * step, 64);
+    if constexpr (kTwoBlocks) {
+      _tile_loadd(7, w + block_bytes + 1024 * step, 64);
+    }
+    _tile_dpbusd(0, 4, 6);
+    if constexpr (kTwoBlocks) {
+      _tile_dpbusd(1, 4, 7);
+    }
+    if constexpr (kTwoRowTiles) {
+      _tile_loadd(5, qx + 16 * ldx + 64 * step, ldx);
+      _tile_dpbusd(2, 5, 6);
+      if constexpr (kTwoBlocks) {
+        _tile_dpbusd(3, 5, 7);
+      }
+    }
+  }
+  _tile_stored(0, acc, kAccBytes);
+  if constexpr (kTwoBlocks) {
+    _tile_stored(1, acc + kBlockCols, kAccBytes);
+  }
+  if constexpr (kTwoRowTiles) {
+    _tile_stored(2, acc + 16 * kAccStride, kAccBytes);
+    if constexpr (kTwoBlocks) {
+      _tile_stored(3, acc + 16 * kAccStride + kBlockCols, kAccBytes);
+    }
+  }
+}
+
+__attribute__((target("amx-tile"))) void release_amx() { _tile_release(); }
+
+// Needs groups >= 16 (one full step of 64 inputs).
+void blocked_gemm_amx(const uint8_t* q_ptr, const int8_t* w_ptr, int64_t m, int64_t n, int64_t groups,
+                      int64_t col_blocks, const Epilogue& e) {
+  const int64_t ldx = groups * 4;
+  const int64_t block_bytes = groups * 64;
+  const int64_t steps = groups / 16;
+  const int64_t tail_group = steps * 16;
+  const int64_t row_panels = (m + kPanelRows - 1) / kPanelRows;
+  const int64_t col_tiles = (col_blocks + kPanelBlocks - 1) / kPanelBlocks;
+  at::parallel_for(0, row_panels * col_tiles, 1, [&](int64_t begin, int64_t end) {
+    alignas(64) int32_t acc[kPanelRows * kAccStride];
+    int configured = -1;
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t m0 = (t / col_tiles) * kPanelRows;
+      const int64_t b0 = (t % col_tiles) * kPanelBlocks;
+      const int64_t panel_rows = std::min<int64_t>(kPanelRows, m - m0);
+      const int blocks = static_cast<int>(std::min<int64_t>(kPanelBlocks, col_blocks - b0));
+      const int64_t n0 = b0 * kBlockCols;
+      for (int64_t i0 = 0; i0 < panel_rows; i0 += 32) {
+        const int rows0 = static_cast<int>(std::min<int64_t>(16, panel_rows - i0));
+        const int rows1 = static_cast<int>(std::clamp<int64_t>(panel_rows - i0 - 16, 0, 16));
+        if (configured != rows0 * 32 + rows1) {
+          configure_amx(rows0, rows1);
+          configured = rows0 * 32 + rows1;
+        }
+        const uint8_t* qx = q_ptr + (m0 + i0) * ldx;
+        for (int j = 0; j < blocks; j += 2) {
+          const int8_t* w = w_ptr + (b0 + j) * block_bytes;
+          int32_t* tile_acc = acc + i0 * kAccStride + j * kBlockCols;
+          const bool two_blocks = j + 1 < blocks;
+          if (rows1 > 0) {
+            (two_blocks ? amx_tiles<true, true> : amx_tiles<true, false>)(qx, ldx, w, block_bytes, steps, tile_acc);
+          } else {
+            (two_blocks ? amx_tiles<false, true> : amx_tiles<false, false>)(qx, ldx, w, block_bytes, steps,
+                                                                            tile_acc);
+          }
+        }
+      }
+      if (tail_group < groups) {
+        const int8_t* w = w_ptr + b0 * block_bytes + tail_group * 64;
+        for (int64_t i0 = 0; i0 < panel_rows; i0 += kPanelTileRows) {
+          const int rows = static_cast<int>(std::min<int64_t>(kPanelTileRows, panel_rows - i0));
+          avx512_tile(rows, blocks)(q_ptr + (m0 + i0) * ldx + 4 * tail_group, ldx, w, block_bytes,
+                                    groups - tail_group, true, acc + i0 * kAccStride);
+        }
+      }
+      const int64_t cols = std::min<int64_t>(blocks * kBlockCols, n - n0);
+      epilogue_avx512(acc, static_cast<int>(panel_rows), m0, n0, cols, e);
+    }
+    if (configured >= 0) {
+      release_amx();
+    }
+  });
+}
+
 at::Tensor int8_linear_cpu(const at::Tensor& x_in, const at::Tensor& w_packed, const at::Tensor& w_sums,
                            const at::Tensor& w_scale, const std::optional<at::Tensor>& bias,
                            const std::optional<at::Tensor>& x_scale,
@@ -349,7 +482,11 @@ at::Tensor int8_linear_cpu(const at::Tensor& x_in, const at::Tensor& w_packed, c
   const int64_t ldx = groups * 4;
   const int64_t block_bytes = groups * 64;
 
-  if (isa == Isa::kAvx512Vnni && m > 4) {
+  if (isa == Isa::kAmx && m > 4 && groups >= 16) {
+    blocked_gemm_amx(q_ptr, w_ptr, m, n, groups, col_blocks, e);
+    return out.view(output_shape(x_in, n));
+  }
+  if (has_avx512(isa) && m > 4) {
     blocked_gemm_avx512(q_ptr, w_ptr, m, n, groups, col_blocks, e);
     return out.view(output_shape(x_in, n));
   }
@@ -375,7 +512,7 @@ at::Tensor int8_linear_cpu(const at::Tensor& x_in, const at::Tensor& w_packed, c
       const uint8_t* qx = q_ptr + m0 * ldx;
       const int8_t* w = w_ptr + b0 * block_bytes;
 
-      if (isa == Isa::kAvx512Vnni) {
+      if (has_avx512(isa)) {
         avx512_tile(rows, blocks)(qx, ldx, w, block_bytes, groups, false, acc);
         epilogue_avx512(acc, rows, m0, n0, cols, e);
       } else if (isa == Isa::kAvx2) {

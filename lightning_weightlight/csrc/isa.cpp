@@ -1,5 +1,8 @@
 #include "isa.h"
 
+#include <sys/syscall.h>
+#include <unistd.h>
+
 #include <atomic>
 #include <cstdlib>
 
@@ -8,11 +11,21 @@
 namespace weightlight {
 namespace {
 
+// Linux hands out the AMX tile data state only on request (arch_prctl ARCH_REQ_XCOMP_PERM for
+// XFEATURE_XTILEDATA, Linux 5.16 and newer); a tile instruction without it raises SIGILL.
+bool amx_permitted() {
+  constexpr long kArchReqXcompPerm = 0x1023;
+  constexpr long kXfeatureXtiledata = 18;
+  return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+}
+
 Isa detect_cpu_isa() {
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni")) {
-    return Isa::kAvx512Vnni;
+    static const bool amx = __builtin_cpu_supports("amx-tile") && __builtin_cpu_supports("amx-int8") &&
+                            amx_permitted();
+    return amx ? Isa::kAmx : Isa::kAvx512Vnni;
   }
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
     return Isa::kAvx2;
@@ -31,8 +44,10 @@ Isa parse_isa(const std::string& name, Isa best) {
     requested = Isa::kAvx2;
   } else if (name == "avx512") {
     requested = Isa::kAvx512Vnni;
+  } else if (name == "amx") {
+    requested = Isa::kAmx;
   } else {
-    TORCH_CHECK(false, "WEIGHTLIGHT_ISA: expected one of 'auto', 'scalar', 'avx2', 'avx512', but got '",
+    TORCH_CHECK(false, "WEIGHTLIGHT_ISA: expected one of 'auto', 'scalar', 'avx2', 'avx512', 'amx', but got '",
                 name, "'");
   }
   // A request above what the CPU supports falls back to the best supported set.
@@ -59,6 +74,8 @@ std::string set_isa(const std::string& name) {
 
 const char* isa_name(Isa isa) {
   switch (isa) {
+    case Isa::kAmx:
+      return "amx";
     case Isa::kAvx512Vnni:
       return "avx512";
     case Isa::kAvx2:

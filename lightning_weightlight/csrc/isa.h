@@ -5,13 +5,18 @@
 
 namespace weightlight {
 
-enum class Isa { kScalar = 0, kAvx2 = 1, kAvx512Vnni = 2 };
+// Ordered: each set includes the ones below it. kAmx is AVX-512 VNNI plus the AMX int8 tiles,
+// which only the dense int8 GEMM uses; every other kernel runs its AVX-512 code under kAmx.
+enum class Isa { kScalar = 0, kAvx2 = 1, kAvx512Vnni = 2, kAmx = 3 };
+
+inline bool has_avx512(Isa isa) { return isa >= Isa::kAvx512Vnni; }
 
 // The best instruction set this CPU supports, capped by the WEIGHTLIGHT_ISA environment
-// variable ("scalar", "avx2" or "avx512") at first use and by set_isa() afterwards.
+// variable ("scalar", "avx2", "avx512" or "amx") at first use and by set_isa() afterwards.
+// AMX counts as supported only when the kernel grants this process the tile data state.
 Isa active_isa();
 
-// Cap the instruction set ("scalar", "avx2", "avx512" or "auto"); returns the name in effect.
+// Cap the instruction set ("scalar", "avx2", "avx512", "amx" or "auto"); returns the name in effect.
 std::string set_isa(const std::string& name);
 
 const char* isa_name(Isa isa);

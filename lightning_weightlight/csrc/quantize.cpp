@@ -139,7 +139,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void quantize_row_avx512(
 
 void quantize_row(const float* x, int64_t k, uint8_t* q, float* scale, int32_t* zero_point, Isa isa) {
   RowParams p;
-  if (isa == Isa::kAvx512Vnni) {
+  if (has_avx512(isa)) {
     quantize_row_avx512(x, k, q, &p);
   } else if (isa == Isa::kAvx2) {
     quantize_row_avx2(x, k, q, &p);
@@ -174,7 +174,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_per_row_cpu(const at::Te
   at::parallel_for(0, m, grain, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       RowParams p;
-      if (isa == Isa::kAvx512Vnni) {
+      if (has_avx512(isa)) {
         quantize_row_avx512(x_ptr + row * k, k, q_ptr + row * k, &p);
       } else if (isa == Isa::kAvx2) {
         quantize_row_avx2(x_ptr + row * k, k, q_ptr + row * k, &p);

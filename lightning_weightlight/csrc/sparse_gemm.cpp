@@ -355,7 +355,7 @@ KernelChoice avx2_kernel(int64_t m) {
 
 KernelChoice pick_kernel(Isa isa, int r, int c, int64_t m) {
   const int shape = r * 100 + c;
-  if (isa == Isa::kAvx512Vnni) {
+  if (has_avx512(isa)) {
     switch (shape) {
       case 101:
         return avx512_kernel<1, 1>(m);

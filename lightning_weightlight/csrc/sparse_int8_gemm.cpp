@@ -250,7 +250,7 @@ at::Tensor sparse_int8_linear_cpu(const at::Tensor& x_in, const at::Tensor& row_
 
   void (*kernel)(const SparseInt8Args&, int64_t, int64_t) = row_scalar;
   int64_t width = 1;  // the scalar kernel and the single-token kernel read the rows of q
-  if (isa == Isa::kAvx512Vnni) {
+  if (has_avx512(isa)) {
     if (m == 1) {
       kernel = single_row_avx512;
     } else if (m <= 16) {

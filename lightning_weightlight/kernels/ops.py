@@ -17,6 +17,7 @@ if _loader.HAS_CPP:
     _INT8_LINEAR = torch.ops.weightlight.int8_linear.default
     _SPARSE_LINEAR = torch.ops.weightlight.sparse_linear.default
     _SPARSE_INT8_LINEAR = torch.ops.weightlight.sparse_int8_linear.default
+    _ZERO_PRUNED = torch.ops.weightlight.zero_pruned_.default
 
 
 def has_cpp() -> bool:
@@ -25,7 +26,11 @@ def has_cpp() -> bool:
 
 
 def active_isa() -> str:
-    """Return the instruction set that the kernels use: ``"avx512"``, ``"avx2"`` or ``"scalar"``."""
+    """Return the instruction set that the kernels use: ``"amx"``, ``"avx512"``, ``"avx2"`` or ``"scalar"``.
+
+    ``"amx"`` is AVX-512 VNNI plus the AMX int8 tiles, which the dense int8 GEMM uses at more than
+    4 rows and K of 64 or more; every other kernel runs its AVX-512 code there.
+    """
     if not _loader.HAS_CPP:
         return "reference"
     return torch.ops.weightlight.isa()
@@ -34,12 +39,12 @@ def active_isa() -> str:
 def set_isa(name: str) -> str:
     """Cap the instruction set that the kernels use and return the one in effect.
 
-    ``name`` is ``"auto"``, ``"avx512"``, ``"avx2"`` or ``"scalar"``.
+    ``name`` is ``"auto"``, ``"amx"``, ``"avx512"``, ``"avx2"`` or ``"scalar"``.
 
     A request above what this CPU supports gives the best supported set. The environment
     variable ``WEIGHTLIGHT_ISA`` sets the same cap at start-up.
     """
-    allowed = ("auto", "avx512", "avx2", "scalar")
+    allowed = ("auto", "amx", "avx512", "avx2", "scalar")
     if name not in allowed:
         raise ValueError(f"set_isa: expected one of {allowed}, but got {name!r}")
     if not _loader.HAS_CPP:
@@ -118,6 +123,19 @@ def sparse_int8_linear(
     return reference.sparse_int8_linear(*args)
 
 
+def zero_pruned_(tensors: list[torch.Tensor], keeps: list[torch.Tensor]) -> None:
+    """Zero in place the entries of each float32 tensor where its bool mask is False.
+
+    ``keeps[i]`` is a contiguous bool tensor with as many entries as the contiguous float32
+    ``tensors[i]``. An entry that is already zero is not written, so a pass over masked weights
+    only reads them. Matches :func:`lightning_weightlight.kernels.reference.zero_pruned_`.
+    """
+    if _loader.HAS_CPP:
+        _ZERO_PRUNED(tensors, keeps)
+    else:
+        reference.zero_pruned_(tensors, keeps)
+
+
 if _loader.HAS_CPP:
 
     @torch.library.register_fake("weightlight::quantize_per_row")
@@ -154,3 +172,10 @@ if _loader.HAS_CPP:
     ):
         _check_input("sparse_int8_linear", x)
         return x.new_empty((*x.shape[:-1], w_scale.shape[0]))
+
+    @torch.library.register_fake("weightlight::zero_pruned_")
+    def _zero_pruned_fake(tensors, keeps):
+        torch._check(
+            len(tensors) == len(keeps),
+            lambda: f"zero_pruned_: expected one mask per tensor, but got {len(tensors)} and {len(keeps)}",
+        )

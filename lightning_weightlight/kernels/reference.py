@@ -214,3 +214,15 @@ def sparse_int8_linear(
     if x_scale is None:
         return _over_rows(lambda rows: dynamic_int8_linear(rows, q_w, w_scale, bias), x, n)
     return _over_rows(lambda rows: static_int8_linear(rows, q_w, w_scale, x_scale, x_zero_point, bias), x, n)
+
+
+def zero_pruned_(tensors: list[torch.Tensor], keeps: list[torch.Tensor]) -> None:
+    """Reference of ``weightlight::zero_pruned_``: zero in place the entries where ``keeps`` is False."""
+    if len(tensors) != len(keeps):
+        raise ValueError(
+            f"zero_pruned_: expected one mask per tensor, but got {len(tensors)} tensors "
+            f"and {len(keeps)} masks"
+        )
+    with torch.no_grad():
+        for tensor, keep in zip(tensors, keeps):
+            tensor.masked_fill_(~keep.reshape(tensor.shape), 0.0)

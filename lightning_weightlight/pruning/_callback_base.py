@@ -1,9 +1,11 @@
 """Code shared by the pruning callbacks: layer choice, mask state, mask enforcement, logging.
 
 The masks are the callback's state, never buffers or hooks on the model. Pruned weights are zeroed in
-place, their gradients are zeroed before every optimizer step, and the weights are zeroed again
-right after every step by a step post-hook on the optimizer, so momentum and Adam's moments cannot
-regrow them. The post-hooks are removed at the end of fit.
+place, their gradients are zeroed before every optimizer step, and a step post-hook on the optimizer
+keeps momentum and Adam's moments from regrowing them: for SGD, Adam and AdamW it zeroes the
+momentum of pruned entries whenever the masks change, so their step cannot move a pruned weight;
+for any other optimizer it zeroes the pruned weights again after every step. The post-hooks are
+removed at the end of fit.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_weightlight.distillation.module import compression_target
+from lightning_weightlight.kernels import ops
 from lightning_weightlight.pruning.masks import (
     apply_masks,
     compute_masks,
@@ -34,6 +37,51 @@ from lightning_weightlight.pruning.schedules import OneShot, SparsitySchedule
 from lightning_weightlight.selection import select_layers, validate_patterns, validate_types
 
 log = logging.getLogger(__name__)
+
+
+def _takes_bool_mask(tensor: Tensor) -> bool:
+    """Return whether the compiled ``zero_pruned_`` op can mask ``tensor`` in place."""
+    on_cpu = tensor.device.type == "cpu"
+    return ops.has_cpp() and on_cpu and tensor.dtype == torch.float32 and tensor.is_contiguous()
+
+
+def _unfused_cpu_adam(optimizer: torch.optim.Optimizer) -> bool:
+    """Return whether ``optimizer`` is Adam or AdamW without ``fused=True`` on CPU parameters."""
+    if type(optimizer) not in (torch.optim.Adam, torch.optim.AdamW) or optimizer.defaults.get("fused"):
+        return False
+    return any(param.device.type == "cpu" for group in optimizer.param_groups for param in group["params"])
+
+
+# Optimizers whose step leaves a weight at exactly zero when the weight, its gradient and the listed
+# state of that entry are zero (weight decay scales a zero weight, Adam divides a zero first moment).
+# For these, the callbacks zero that state of pruned entries when the masks change, mask the
+# gradients, and skip the pass over the weights after the step. Other optimizers get that pass.
+_MOMENTUM_STATE: dict[type, tuple[str, ...]] = {
+    torch.optim.SGD: ("momentum_buffer",),
+    torch.optim.Adam: ("exp_avg",),
+    torch.optim.AdamW: ("exp_avg",),
+}
+
+
+@torch.no_grad()
+def _zero_pruned(tensors: list[Tensor], masks: list[Tensor]) -> None:
+    """Zero the pruned entries of ``tensors`` in place; each mask is bool or in its tensor's dtype.
+
+    Contiguous float32 CPU tensors with bool masks go to the compiled op, which reads a weight that
+    is already masked without writing it back; the others are multiplied by their masks.
+    """
+    fast = [
+        (tensor, mask)
+        for tensor, mask in zip(tensors, masks)
+        if mask.dtype == torch.bool and _takes_bool_mask(tensor)
+    ]
+    if fast:
+        ops.zero_pruned_([tensor for tensor, _ in fast], [mask for _, mask in fast])
+    if len(fast) == len(tensors):
+        return
+    taken = {id(tensor) for tensor, _ in fast}
+    rest = [(tensor, mask) for tensor, mask in zip(tensors, masks) if id(tensor) not in taken]
+    torch._foreach_mul_([tensor for tensor, _ in rest], [mask.to(tensor.dtype) for tensor, mask in rest])
 
 
 def _check_choice(argument: str, value: str, allowed: Sequence[str]) -> str:
@@ -100,6 +148,8 @@ class _PruningCallback(Callback):
         self._event_step = -1
         self._generator = torch.Generator().manual_seed(self.seed)
         self._loaded_state: dict[str, Any] | None = None
+        self._clean_state: set[int] = set()
+        self._grads_masked: set[int] = set()
         self._schedule_in_steps: SparsitySchedule | None = None
         self._params: dict[str, nn.Parameter] = {}
         self._device_masks: dict[str, Tensor] = {}
@@ -229,6 +279,14 @@ class _PruningCallback(Callback):
         apply_masks(self._params, self._device_masks)
         for optimizer in trainer.optimizers:
             self._hook_handles.append(optimizer.register_step_post_hook(self._after_optimizer_step))
+            if trainer.is_global_zero and _unfused_cpu_adam(optimizer):
+                log.info(
+                    "%s: %s runs its unfused step on CPU parameters, which slows down on pruned "
+                    "weights (torch.sqrt of their zero second moments); pass fused=True to the "
+                    "optimizer for a faster step",
+                    type(self).__name__,
+                    type(optimizer).__name__,
+                )
 
         total_steps = self._total_steps(trainer)
         last_event = self._schedule_in_steps.last_event_step
@@ -257,6 +315,7 @@ class _PruningCallback(Callback):
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
+        self._grads_masked.clear()
         self._follow_schedule(trainer, trainer.global_step)
 
     @override
@@ -265,9 +324,17 @@ class _PruningCallback(Callback):
     ) -> None:
         self._before_gradient_masking(trainer, optimizer)
         params, masks = self._pairs_of(optimizer)
-        grads = [param.grad for param in params if param.grad is not None]
-        if grads:
-            torch._foreach_mul_(grads, [mask for param, mask in zip(params, masks) if param.grad is not None])
+        if not params:
+            return
+        pairs = [(param.grad, mask) for param, mask in zip(params, masks) if param.grad is not None]
+        if pairs:
+            _zero_pruned([grad for grad, _ in pairs], [mask for _, mask in pairs])
+        keys = _MOMENTUM_STATE.get(type(optimizer))
+        if keys is not None and len(pairs) == len(params):
+            if id(optimizer) not in self._clean_state:
+                self._zero_pruned_state(optimizer, params, masks, keys)
+                self._clean_state.add(id(optimizer))
+            self._grads_masked.add(id(optimizer))
 
     @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -293,16 +360,25 @@ class _PruningCallback(Callback):
             handle.remove()
         self._hook_handles = []
         self._optimizer_pairs = {}
+        self._clean_state = set()
+        self._grads_masked = set()
 
     # Mask enforcement.
 
     def _refresh_device_masks(self) -> None:
-        """Cache each mask on its parameter's device and dtype, so that enforcing it is one multiply."""
+        """Cache each mask in the form that enforces it fastest on its parameter.
+
+        A contiguous float32 CPU parameter keeps the bool mask, for the compiled ``zero_pruned_``
+        op; any other parameter gets the mask on its device and in its dtype, for one multiply.
+        """
         self._device_masks = {
-            name: self._masks[name].to(device=param.device, dtype=param.dtype)
+            name: self._masks[name].contiguous()
+            if _takes_bool_mask(param)
+            else self._masks[name].to(device=param.device, dtype=param.dtype)
             for name, param in self._params.items()
         }
         self._optimizer_pairs = {}
+        self._clean_state = set()
         self._any_pruned = any(not bool(mask.all()) for mask in self._masks.values())
 
     def _pairs_of(self, optimizer: torch.optim.Optimizer) -> tuple[list[Tensor], list[Tensor]]:
@@ -319,11 +395,33 @@ class _PruningCallback(Callback):
             )
         return self._optimizer_pairs[key]
 
+    @staticmethod
+    def _zero_pruned_state(
+        optimizer: torch.optim.Optimizer, params: list[Tensor], masks: list[Tensor], keys: tuple[str, ...]
+    ) -> None:
+        """Zero the momentum-like ``keys`` of ``optimizer``'s state at the pruned entries."""
+        tensors, tensor_masks = [], []
+        for param, mask in zip(params, masks):
+            state = optimizer.state.get(param, {})
+            for key in keys:
+                value = state.get(key)
+                if isinstance(value, Tensor) and value.shape == param.shape:
+                    tensors.append(value)
+                    tensor_masks.append(mask)
+        if tensors:
+            _zero_pruned(tensors, tensor_masks)
+
     @torch.no_grad()
     def _after_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         params, masks = self._pairs_of(optimizer)
-        if params:
-            torch._foreach_mul_(params, masks)
+        if not params:
+            return
+        # After a step of a listed optimizer with masked gradients and zeroed state, every pruned
+        # weight is still exactly zero, so the pass over the weights is skipped.
+        if id(optimizer) in self._grads_masked and id(optimizer) in self._clean_state:
+            self._grads_masked.discard(id(optimizer))
+            return
+        _zero_pruned(params, masks)
 
     def _set_masks(self, trainer: L.Trainer, masks: dict[str, Tensor]) -> None:
         """Adopt new masks, identical on every rank, and zero the pruned weights."""
