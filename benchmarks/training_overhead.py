@@ -199,12 +199,15 @@ def main(argv: list[str] | None = None) -> list[list]:
     )
     parser.add_argument("--width", type=int, default=2048, help="width of each Linear layer")
     parser.add_argument("--batch-size", type=int, default=256, help="samples per step")
-    parser.add_argument("--steps", type=int, default=60, help="optimizer steps per case and round")
+    parser.add_argument("--steps", type=int, default=300, help="optimizer steps per case and round")
     parser.add_argument("--warmup", type=int, default=5, help="steps left out of the timing at the start")
     parser.add_argument(
-        "--update-every", type=int, default=25, help="DynamicPruning's update interval in steps"
+        "--update-every",
+        type=int,
+        default=100,
+        help="DynamicPruning's update interval in steps (100, its default)",
     )
-    parser.add_argument("--rounds", type=int, default=3, help="times every case is trained, taking turns")
+    parser.add_argument("--rounds", type=int, default=2, help="times every case is trained, taking turns")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES), help="cases to run")
     parser.add_argument(

@@ -116,3 +116,24 @@ def test_quantize_per_row_in_compiled_graph():
 def test_set_isa_rejects_unknown_name():
     with pytest.raises(ValueError, match="set_isa"):
         ops.set_isa("sse9")
+
+
+def test_quantize_per_row_quotients_near_half_integers(isa):
+    # Values at and one or two float32 steps around (n + 0.5) * scale put x / scale next to a
+    # rounding boundary, where a quotient from the reciprocal could round the other way.
+    generator = torch.Generator().manual_seed(7)
+    rows, k = 16, 301
+    magnitude = 10 ** (torch.rand(rows, 1, generator=generator) * 12 - 6)
+    x = (torch.rand(rows, k, generator=generator) * 2 - 1) * magnitude
+    x[:, 0], x[:, 1] = -magnitude[:, 0], magnitude[:, 0]
+    _, scale, _ = reference.quantize_per_row(x)
+    halves = (torch.randint(-120, 120, (rows, k), generator=generator).float() + 0.5) * scale[:, None]
+    steps = torch.randint(-2, 3, (rows, k), generator=generator)
+    for _ in range(2):
+        up, down = steps > 0, steps < 0
+        halves = torch.where(up, torch.nextafter(halves, torch.tensor(float("inf"))), halves)
+        halves = torch.where(down, torch.nextafter(halves, torch.tensor(float("-inf"))), halves)
+        steps = steps - up.int() + down.int()
+    x[:, 2:] = halves[:, 2:]
+    for got, expected in zip(ops.quantize_per_row(x), reference.quantize_per_row(x)):
+        assert torch.equal(got, expected)

@@ -284,7 +284,8 @@ void check_weight(const at::Tensor& w_packed, const at::Tensor& w_sums, const at
 // kPanelRows activation rows by kPanelBlocks weight blocks (64 output columns) and walks K in
 // slabs of kSlabGroups groups of 4 inputs: the slab of weights (128 KiB) stays in L2 while every
 // 4-row tile of the panel passes over it, and the panel's int32 sums wait in a buffer between
-// slabs. Tasks run panel by panel, so the panel's activations stay in L2 as well.
+// slabs. Consecutive tasks take the row panels of one column tile, so its weights (K x 64 bytes)
+// stay in L2 from one panel to the next.
 // Measured on Zen 5 at (4096, 4096), M = 512: slabs of 256 or 1024 inputs, or 6-row tiles, were
 // no faster; the kernel reaches about 85% of the vpdpbusd peak once the tile sums stay in registers.
 constexpr int64_t kPanelRows = 96;
@@ -292,20 +293,43 @@ constexpr int kPanelTileRows = 4;
 constexpr int kPanelBlocks = 4;
 constexpr int64_t kSlabGroups = 512;
 
+// Rows per panel: at most kPanelRows, spread evenly over the panels that M needs (in multiples of
+// 16, one AMX tile), so that threads splitting the tasks get equal work.
+int64_t panel_rows_for(int64_t m) {
+  const int64_t panels = std::max<int64_t>(1, (m + kPanelRows - 1) / kPanelRows);
+  return std::min<int64_t>(kPanelRows, round_up((m + panels - 1) / panels, 16));
+}
+
+// Task t of the blocked kernels: column tile t / row_panels, row panel t % row_panels. Each half of
+// the task range, as at::parallel_for gives it to two threads, holds whole column tiles.
+struct Panel {
+  int64_t m0;    // first activation row
+  int64_t b0;    // first weight block
+  int64_t rows;  // activation rows, at most kPanelRows
+  int blocks;    // weight blocks, at most kPanelBlocks
+  int64_t n0;    // first output column
+};
+
+Panel panel_at(int64_t t, int64_t m, int64_t panel_rows, int64_t row_panels, int64_t col_blocks) {
+  const int64_t m0 = (t % row_panels) * panel_rows;
+  const int64_t b0 = (t / row_panels) * kPanelBlocks;
+  return {m0, b0, std::min<int64_t>(panel_rows, m - m0),
+          static_cast<int>(std::min<int64_t>(kPanelBlocks, col_blocks - b0)), b0 * kBlockCols};
+}
+
 void blocked_gemm_avx512(const uint8_t* q_ptr, const int8_t* w_ptr, int64_t m, int64_t n, int64_t groups,
                          int64_t col_blocks, const Epilogue& e) {
   const int64_t ldx = groups * 4;
   const int64_t block_bytes = groups * 64;
-  const int64_t row_panels = (m + kPanelRows - 1) / kPanelRows;
+  const int64_t panel_rows_max = panel_rows_for(m);
+  const int64_t row_panels = (m + panel_rows_max - 1) / panel_rows_max;
   const int64_t col_tiles = (col_blocks + kPanelBlocks - 1) / kPanelBlocks;
   at::parallel_for(0, row_panels * col_tiles, 1, [&](int64_t begin, int64_t end) {
     alignas(64) int32_t acc[kPanelRows * kAccStride];
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t m0 = (t / col_tiles) * kPanelRows;
-      const int64_t b0 = (t % col_tiles) * kPanelBlocks;
-      const int64_t panel_rows = std::min<int64_t>(kPanelRows, m - m0);
-      const int blocks = static_cast<int>(std::min<int64_t>(kPanelBlocks, col_blocks - b0));
-      const int64_t n0 = b0 * kBlockCols;
+      const Panel panel = panel_at(t, m, panel_rows_max, row_panels, col_blocks);
+      const int64_t m0 = panel.m0, b0 = panel.b0, panel_rows = panel.rows, n0 = panel.n0;
+      const int blocks = panel.blocks;
       // At least one slab, so that K = 0 still writes zero sums.
       for (int64_t g0 = 0; g0 == 0 || g0 < groups; g0 += kSlabGroups) {
         const int64_t slab = std::min<int64_t>(kSlabGroups, groups - g0);
@@ -407,17 +431,16 @@ void blocked_gemm_amx(const uint8_t* q_ptr, const int8_t* w_ptr, int64_t m, int6
   const int64_t block_bytes = groups * 64;
   const int64_t steps = groups / 16;
   const int64_t tail_group = steps * 16;
-  const int64_t row_panels = (m + kPanelRows - 1) / kPanelRows;
+  const int64_t panel_rows_max = panel_rows_for(m);
+  const int64_t row_panels = (m + panel_rows_max - 1) / panel_rows_max;
   const int64_t col_tiles = (col_blocks + kPanelBlocks - 1) / kPanelBlocks;
   at::parallel_for(0, row_panels * col_tiles, 1, [&](int64_t begin, int64_t end) {
     alignas(64) int32_t acc[kPanelRows * kAccStride];
     int configured = -1;
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t m0 = (t / col_tiles) * kPanelRows;
-      const int64_t b0 = (t % col_tiles) * kPanelBlocks;
-      const int64_t panel_rows = std::min<int64_t>(kPanelRows, m - m0);
-      const int blocks = static_cast<int>(std::min<int64_t>(kPanelBlocks, col_blocks - b0));
-      const int64_t n0 = b0 * kBlockCols;
+      const Panel panel = panel_at(t, m, panel_rows_max, row_panels, col_blocks);
+      const int64_t m0 = panel.m0, b0 = panel.b0, panel_rows = panel.rows, n0 = panel.n0;
+      const int blocks = panel.blocks;
       for (int64_t i0 = 0; i0 < panel_rows; i0 += 32) {
         const int rows0 = static_cast<int>(std::min<int64_t>(16, panel_rows - i0));
         const int rows1 = static_cast<int>(std::clamp<int64_t>(panel_rows - i0 - 16, 0, 16));
