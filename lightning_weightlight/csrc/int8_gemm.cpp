@@ -301,7 +301,7 @@ int64_t panel_rows_for(int64_t m) {
 }
 
 // Task t of the blocked kernels: column tile t / row_panels, row panel t % row_panels. Each half of
-// the task range, as at::parallel_for gives it to two threads, holds whole column tiles.
+// the task range, as at::parallel_for gives it to two threads, contains whole column tiles.
 struct Panel {
   int64_t m0;    // first activation row
   int64_t b0;    // first weight block
@@ -347,12 +347,12 @@ void blocked_gemm_avx512(const uint8_t* q_ptr, const int8_t* w_ptr, int64_t m, i
 }
 
 // ---------------------------------------------------------------------------------------------
-// AMX: the tile form of the same product. A tile is 16 activation rows by 64 inputs (uint8), a B
+// AMX: the tile form of the same product. An A tile is 16 activation rows by 64 inputs (uint8). A B
 // tile is 16 groups of 4 inputs of one 16-column weight block, which is exactly one block of the
-// packed layout (16 rows of 64 bytes), and tdpbusd adds their product to a 16 x 16 int32 tile, with
-// the wrap-around of vpdpbusd. A task walks the same panels as the AVX-512 path: 32 rows by 2
-// blocks at a time, the four sum tiles (tmm0-3) held over the whole of K; inputs past the last
-// multiple of 64 are added by the AVX-512 tiles.
+// packed layout (16 rows of 64 bytes). tdpbusd adds their product to a 16 x 16 int32 tile and wraps
+// around as vpdpbusd does. A task walks the same panels as the AVX-512 path, 32 rows by 2 blocks at
+// a time, and holds the four sum tiles (tmm0-3) over the whole of K. The AVX-512 tiles add the
+// inputs past the last multiple of 64.
 
 struct alignas(64) AmxConfig {
   uint8_t palette_id;
@@ -372,8 +372,8 @@ __attribute__((target("amx-tile,amx-int8"))) void configure_amx(int rows0, int r
     config.rows[t] = static_cast<uint8_t>(std::max(rows[t], 1));
     config.colsb[t] = 64;
   }
-  // GCC 12's _tile_loadconfig tells the compiler it reads only part of the 64 bytes, which lets it
-  // drop the stores above; this barrier keeps them.
+  // GCC 12's _tile_loadconfig declares a read of only part of the 64 bytes, so the compiler may drop
+  // the stores above. This barrier keeps them.
   __asm__ __volatile__("" : : "r"(&config) : "memory");
   _tile_loadconfig(&config);
 }

@@ -3,7 +3,7 @@
 // The pruning callbacks run it on every pruned weight's gradient before each optimizer step and
 // on the weight after it. Both passes stream tensors much larger than the caches, so the kernel
 // reads the one-byte mask and the tensor, and stores zeros only into the pruned lanes of a group of
-// 64 entries that holds a nonzero pruned value. A weight that is already masked is only read; a
+// 64 entries that contains a nonzero pruned value. A weight that is already masked is only read; a
 // float mask multiply would also read four bytes of mask per entry and write every entry back.
 #include <immintrin.h>
 

@@ -1,11 +1,11 @@
 """Code shared by the pruning callbacks: layer choice, mask state, mask enforcement, logging.
 
 The masks are the callback's state, never buffers or hooks on the model. Pruned weights are zeroed in
-place, their gradients are zeroed before every optimizer step, and a step post-hook on the optimizer
-keeps momentum and Adam's moments from regrowing them: for SGD, Adam and AdamW it zeroes the
-momentum of pruned entries whenever the masks change, so their step cannot move a pruned weight;
-for any other optimizer it zeroes the pruned weights again after every step. The post-hooks are
-removed at the end of fit.
+place, and their gradients are zeroed before every optimizer step. Momentum and Adam's moments
+cannot regrow them. For SGD, Adam and AdamW the callback zeroes the momentum of pruned entries
+whenever the masks change, so their step cannot move a pruned weight. For any other optimizer a
+step post-hook zeroes the pruned weights again after every step. The post-hooks are removed at
+the end of fit.
 """
 
 from __future__ import annotations
@@ -79,8 +79,8 @@ def _zero_pruned(tensors: list[Tensor], masks: list[Tensor]) -> None:
         ops.zero_pruned_([tensor for tensor, _ in fast], [mask for _, mask in fast])
     if len(fast) == len(tensors):
         return
-    taken = {id(tensor) for tensor, _ in fast}
-    rest = [(tensor, mask) for tensor, mask in zip(tensors, masks) if id(tensor) not in taken]
+    fast_ids = {id(tensor) for tensor, _ in fast}
+    rest = [(tensor, mask) for tensor, mask in zip(tensors, masks) if id(tensor) not in fast_ids]
     torch._foreach_mul_([tensor for tensor, _ in rest], [mask.to(tensor.dtype) for tensor, mask in rest])
 
 
