@@ -14,9 +14,19 @@ from lightning_weightlight.kernels import ops, packing, reference
 
 ISAS = ["avx512", "avx2", "scalar"]
 BLOCKS = list(packing.BLOCK_SHAPES)
-# (M, K, N): odd sizes, K not a multiple of 4 or 64, M = 1, several token chunks (M > 32), and
-# M = 8, one full chunk of the 8-token kernel.
-SHAPES = [(1, 7, 5), (1, 384, 96), (2, 33, 17), (9, 131, 40), (37, 70, 33), (0, 5, 3), (8, 65, 23)]
+# (M, K, N): odd sizes, K not a multiple of 4 or 64, and every kernel's batch range: M = 1
+# (gathers), 2 to 8 (two nonzeros or groups per vector), 9 to 16, 17 to 63 (32-token chunks) and
+# 64 or more (64-token chunks of the fp32 kernels with single-row blocks).
+SHAPES = [
+    (1, 7, 5),
+    (1, 384, 96),
+    (2, 33, 17),
+    (9, 131, 40),
+    (37, 70, 33),
+    (0, 5, 3),
+    (8, 65, 23),
+    (70, 131, 40),
+]
 FLOAT_TOL = {"rtol": 1e-5, "atol": 1e-5}
 
 

@@ -11,7 +11,7 @@
 // With several tokens the uint8 activations are repacked into chunks of `width` tokens,
 // (chunks, K_pad / 4, width) words of 4 inputs, and one group multiplies a vector of 16 or
 // more tokens (AVX-512) or 8 or 16 (AVX2). With a single token the AVX-512 kernel gathers 16
-// groups' inputs at a time.
+// groups' inputs at a time; with 2 to 8 it puts two groups of 8 tokens in one vector.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -218,6 +218,59 @@ void pack_words(const uint8_t* q, int64_t m, int64_t k_pad, int64_t width, int32
   });
 }
 
+// acc plus the products of groups b and b + 1 with their 8 token lanes (lanes 0-7 and 8-15).
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) inline __m512i pair_group_product(
+    const int32_t* x, const uint16_t* idx, const int32_t* vals, int32_t b, __m512i acc) {
+  const __m512i halves = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+  const __m512i xv = _mm512_inserti64x4(
+      _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + idx[b] * 8))),
+      _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + idx[b + 1] * 8)), 1);
+  const __m128i two_words = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(vals + b));
+  const __m512i wv = _mm512_permutexvar_epi32(halves, _mm512_castsi128_si512(two_words));
+  return _mm512_dpbusd_epi32(acc, xv, wv);
+}
+
+// 2 to 8 tokens, in one chunk of 8: one vector contains the token lanes of two groups, so no lane
+// is padding at M = 8, as in the fp32 kernel for the same batches.
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void pair_row_avx512(const SparseInt8Args& a,
+                                                                                     int64_t n, int64_t) {
+  const int32_t end = a.row_ptr[n + 1];
+  const int32_t* x = a.xw;
+  const uint16_t* idx = a.group_idx;
+  const int32_t* vals = a.values;
+  __m512i acc0 = _mm512_setzero_si512();
+  __m512i acc1 = _mm512_setzero_si512();
+  __m512i acc2 = _mm512_setzero_si512();
+  __m512i acc3 = _mm512_setzero_si512();
+  int32_t b = a.row_ptr[n];
+  for (; b + 8 <= end; b += 8) {
+    acc0 = pair_group_product(x, idx, vals, b, acc0);
+    acc1 = pair_group_product(x, idx, vals, b + 2, acc1);
+    acc2 = pair_group_product(x, idx, vals, b + 4, acc2);
+    acc3 = pair_group_product(x, idx, vals, b + 6, acc3);
+  }
+  for (; b + 2 <= end; b += 2) {
+    acc0 = pair_group_product(x, idx, vals, b, acc0);
+  }
+  const __m512i sum = _mm512_add_epi32(_mm512_add_epi32(acc0, acc1), _mm512_add_epi32(acc2, acc3));
+  __m256i tokens = _mm256_add_epi32(_mm512_castsi512_si256(sum), _mm512_extracti64x4_epi64(sum, 1));
+  if (b < end) {
+    const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + idx[b] * 8));
+    tokens = _mm256_dpbusd_epi32(tokens, xv, _mm256_set1_epi32(vals[b]));
+  }
+  const __mmask8 lanes = static_cast<__mmask8>(tail_mask(a.m));
+  const __m256i zp = _mm256_maskz_loadu_epi32(lanes, a.x_zero_point);
+  const __m256 xs = _mm256_maskz_loadu_ps(lanes, a.x_scale);
+  const __m256i centered = _mm256_sub_epi32(tokens, _mm256_mullo_epi32(zp, _mm256_set1_epi32(a.w_sums[n])));
+  __m256 y = _mm256_mul_ps(_mm256_cvtepi32_ps(centered), _mm256_mul_ps(xs, _mm256_set1_ps(a.w_scale[n])));
+  if (a.bias != nullptr) {
+    y = _mm256_add_ps(y, _mm256_set1_ps(a.bias[n]));
+  }
+  const __m256i offsets = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+                                             _mm256_set1_epi32(static_cast<int32_t>(a.n)));
+  _mm256_mask_i32scatter_ps(a.out + n, lanes, offsets, y, 4);
+}
+
 at::Tensor sparse_int8_linear_cpu(const at::Tensor& x_in, const at::Tensor& row_ptr, const at::Tensor& group_idx,
                                   const at::Tensor& values, const at::Tensor& w_sums, const at::Tensor& w_scale,
                                   const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& x_scale,
@@ -253,6 +306,9 @@ at::Tensor sparse_int8_linear_cpu(const at::Tensor& x_in, const at::Tensor& row_
   if (has_avx512(isa)) {
     if (m == 1) {
       kernel = single_row_avx512;
+    } else if (m <= 8) {
+      kernel = pair_row_avx512;
+      width = 8;
     } else if (m <= 16) {
       kernel = row_avx512<1>;
       width = 16;
