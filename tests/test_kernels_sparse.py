@@ -139,6 +139,28 @@ def test_sparse_linear_rejects_bad_format():
         )
 
 
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("bad_index", [12, 65535])
+def test_sparse_linear_rejects_index_out_of_range(isa, rows, bad_index):
+    # One row runs the AVX-512 gather kernel, which checks the indices as it reads them.
+    weight = pruned_weight(8, 12, 0.5, "unstructured", seed=5)
+    row_ptr, col_idx, values = packing.pack_sparse_weight(weight)
+    bad_idx = col_idx.clone()
+    bad_idx[-1] = bad_index - 65536 if bad_index > 32767 else bad_index
+    with pytest.raises(RuntimeError, match="column indices below 12"):
+        ops.sparse_linear(torch.randn(rows, 12), row_ptr, bad_idx, values, None, 8)
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_sparse_int8_linear_rejects_index_out_of_range(isa, rows):
+    _, w_scale, sparse, sums = sparse_int8_layer(8, 12, 0.5, "unstructured", seed=5)
+    row_ptr, group_idx, values = sparse
+    bad_idx = group_idx.clone()
+    bad_idx[-1] = -1  # read as the unsigned 65535
+    with pytest.raises(RuntimeError, match="indices below 3"):
+        ops.sparse_int8_linear(torch.randn(rows, 12), row_ptr, bad_idx, values, sums, w_scale)
+
+
 def test_sparse_linear_opcheck():
     weight = pruned_weight(10, 19, 0.6, "1x4", seed=6)
     sparse = packing.pack_sparse_weight(weight, (1, 4))

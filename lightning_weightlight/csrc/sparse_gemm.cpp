@@ -16,6 +16,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 
 #include <ATen/Parallel.h>
@@ -43,6 +44,7 @@ struct SparseArgs {
   int64_t width;
   int r;
   int c;
+  std::atomic<bool>* index_out_of_range;  // set by the kernels that check indices as they read them
 };
 
 inline float bias_at(const SparseArgs& a, int64_t n) { return a.bias == nullptr ? 0.0f : a.bias[n]; }
@@ -208,6 +210,8 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m512i gather_indic
 }
 
 // Unstructured and 1x4 blocks at M = 1: gather 16 inputs per step, two accumulators in turn.
+// Each gather reads only the lanes whose input index is below K_pad, and an index out of range
+// sets a.index_out_of_range, so the operator can skip its own scan of the indices.
 template <int R, int C>
 __attribute__((target("avx512f,avx512bw,avx512vl"))) void single_row_gather_avx512(const SparseArgs& a,
                                                                                    int64_t n, int64_t) {
@@ -216,19 +220,32 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void single_row_gather_avx5
   const int64_t count = static_cast<int64_t>(a.row_ptr[n + 1] - begin) * C;  // values in this row
   const float* vals = a.values + static_cast<int64_t>(begin) * C;
   const uint16_t* idx = a.col_idx + begin;
-  __m512 acc0 = _mm512_setzero_ps();
-  __m512 acc1 = _mm512_setzero_ps();
+  const __m512i limit = _mm512_set1_epi32(static_cast<int32_t>(a.k_pad));
+  const __m512 zero = _mm512_setzero_ps();
+  __m512 acc0 = zero;
+  __m512 acc1 = zero;
+  __mmask16 out_of_range = 0;
   int64_t i = 0;
   for (; i + 32 <= count; i += 32) {
-    __m512 x0 = _mm512_i32gather_ps(gather_indices<C>(idx, i, 16), a.xt, 4);
-    __m512 x1 = _mm512_i32gather_ps(gather_indices<C>(idx, i + 16, 16), a.xt, 4);
-    acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(vals + i), x0, acc0);
-    acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(vals + i + 16), x1, acc1);
+    const __m512i i0 = gather_indices<C>(idx, i, 16);
+    const __m512i i1 = gather_indices<C>(idx, i + 16, 16);
+    const __mmask16 in0 = _mm512_cmplt_epu32_mask(i0, limit);
+    const __mmask16 in1 = _mm512_cmplt_epu32_mask(i1, limit);
+    out_of_range |= static_cast<__mmask16>(~(in0 & in1));
+    acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(vals + i), _mm512_mask_i32gather_ps(zero, in0, i0, a.xt, 4), acc0);
+    acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(vals + i + 16), _mm512_mask_i32gather_ps(zero, in1, i1, a.xt, 4),
+                           acc1);
   }
   for (; i < count; i += 16) {
     const __mmask16 mask = tail_mask_avx512(count - i);
-    __m512 xv = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mask, gather_indices<C>(idx, i, count - i), a.xt, 4);
+    const __m512i indices = gather_indices<C>(idx, i, count - i);
+    const __mmask16 in = _mm512_mask_cmplt_epu32_mask(mask, indices, limit);
+    out_of_range |= static_cast<__mmask16>(mask & ~in);
+    __m512 xv = _mm512_mask_i32gather_ps(zero, in, indices, a.xt, 4);
     acc0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, vals + i), xv, acc0);
+  }
+  if (out_of_range != 0) {
+    a.index_out_of_range->store(true, std::memory_order_relaxed);
   }
   a.out[n] = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) + bias_at(a, n);
 }
@@ -437,7 +454,11 @@ at::Tensor sparse_linear_cpu(const at::Tensor& x_in, const at::Tensor& row_ptr, 
   const int64_t n = out_features;
   const int64_t block_rows = (n + r - 1) / r;
   const int64_t block_cols = (k + c - 1) / c;
-  check_block_rows(row_ptr, col_idx, block_rows, block_cols, op);
+  const Isa isa = active_isa();
+  const int64_t m_rows = x_in.numel() / std::max<int64_t>(k, 1);
+  // The AVX-512 gather kernel (one token, single-row blocks) checks the indices as it reads them.
+  const bool checks_indices_inline = has_avx512(isa) && m_rows == 1 && r == 1;
+  check_block_rows(row_ptr, col_idx, block_rows, block_cols, op, !checks_indices_inline);
   TORCH_CHECK(values.size(0) == col_idx.size(0), op, ": expected one value block per column index (",
               col_idx.size(0), "), but got ", values.size(0));
   const float* bias_ptr = bias_data(bias, n, op);
@@ -445,7 +466,6 @@ at::Tensor sparse_linear_cpu(const at::Tensor& x_in, const at::Tensor& row_ptr, 
   const at::Tensor x = rows_of(x_in, k, op);
   const int64_t m = x.size(0);
   const int64_t k_pad = block_cols * c;
-  const Isa isa = active_isa();
   const KernelChoice choice = pick_kernel(isa, static_cast<int>(r), static_cast<int>(c), m);
   const int64_t chunks = (m + choice.width - 1) / choice.width;
   at::Tensor xt;
@@ -457,6 +477,7 @@ at::Tensor sparse_linear_cpu(const at::Tensor& x_in, const at::Tensor& row_ptr, 
   }
   at::Tensor out = at::empty({m, n}, x.options());
 
+  std::atomic<bool> index_out_of_range{false};
   const SparseArgs args{row_ptr.const_data_ptr<int32_t>(),
                         reinterpret_cast<const uint16_t*>(col_idx.const_data_ptr<int16_t>()),
                         values.const_data_ptr<float>(),
@@ -468,7 +489,8 @@ at::Tensor sparse_linear_cpu(const at::Tensor& x_in, const at::Tensor& row_ptr, 
                         k_pad,
                         choice.width,
                         static_cast<int>(r),
-                        static_cast<int>(c)};
+                        static_cast<int>(c),
+                        &index_out_of_range};
   // Tasks run chunk by chunk, so that one activation chunk serves every block row from cache.
   const int64_t blocks_per_row = std::max<int64_t>(1, col_idx.size(0) / std::max<int64_t>(block_rows, 1));
   const int64_t grain = std::max<int64_t>(1, (1 << 15) / (blocks_per_row * r * c * choice.width));
@@ -484,6 +506,8 @@ at::Tensor sparse_linear_cpu(const at::Tensor& x_in, const at::Tensor& row_ptr, 
       }
     }
   });
+  TORCH_CHECK(!index_out_of_range.load(), op, ": expected block column indices below ", block_cols,
+              ", but col_idx contains a larger one");
   return out.view(output_shape(x_in, n));
 }
 

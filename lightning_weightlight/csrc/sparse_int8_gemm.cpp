@@ -15,6 +15,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 
 #include <ATen/Parallel.h>
@@ -45,6 +46,7 @@ struct SparseInt8Args {
   int64_t m;
   int64_t n;
   int64_t groups;
+  std::atomic<bool>* index_out_of_range;  // set by the kernels that check indices as they read them
 };
 
 inline float dequantize(const SparseInt8Args& a, int32_t acc, int64_t m, int64_t n) {
@@ -166,26 +168,41 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void row_avx512(
 }
 
 // One token: gather the activation words of 16 groups and multiply them with 16 weight words.
+// Each gather reads only the lanes whose group index is below the group count, and an index out
+// of range sets a.index_out_of_range, so the operator can skip its own scan of the indices.
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void single_row_avx512(const SparseInt8Args& a,
                                                                                        int64_t n, int64_t) {
   const int32_t begin = a.row_ptr[n];
   const int64_t count = a.row_ptr[n + 1] - begin;
   const uint16_t* idx = a.group_idx + begin;
   const int32_t* vals = a.values + begin;
-  __m512i acc0 = _mm512_setzero_si512();
-  __m512i acc1 = _mm512_setzero_si512();
+  const __m512i limit = _mm512_set1_epi32(static_cast<int32_t>(a.groups));
+  const __m512i zero = _mm512_setzero_si512();
+  __m512i acc0 = zero;
+  __m512i acc1 = zero;
+  __mmask16 out_of_range = 0;
   int64_t i = 0;
   for (; i + 32 <= count; i += 32) {
-    __m512i g0 = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(idx + i)));
-    __m512i g1 = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(idx + i + 16)));
-    acc0 = _mm512_dpbusd_epi32(acc0, _mm512_i32gather_epi32(g0, a.xw, 4), _mm512_loadu_si512(vals + i));
-    acc1 = _mm512_dpbusd_epi32(acc1, _mm512_i32gather_epi32(g1, a.xw, 4), _mm512_loadu_si512(vals + i + 16));
+    const __m512i g0 = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(idx + i)));
+    const __m512i g1 = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(idx + i + 16)));
+    const __mmask16 in0 = _mm512_cmplt_epu32_mask(g0, limit);
+    const __mmask16 in1 = _mm512_cmplt_epu32_mask(g1, limit);
+    out_of_range |= static_cast<__mmask16>(~(in0 & in1));
+    acc0 = _mm512_dpbusd_epi32(acc0, _mm512_mask_i32gather_epi32(zero, in0, g0, a.xw, 4),
+                               _mm512_loadu_si512(vals + i));
+    acc1 = _mm512_dpbusd_epi32(acc1, _mm512_mask_i32gather_epi32(zero, in1, g1, a.xw, 4),
+                               _mm512_loadu_si512(vals + i + 16));
   }
   for (; i < count; i += 16) {
     const __mmask16 mask = tail_mask(count - i);
-    __m512i g = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, idx + i));
-    __m512i xv = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), mask, g, a.xw, 4);
+    const __m512i g = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, idx + i));
+    const __mmask16 in = _mm512_mask_cmplt_epu32_mask(mask, g, limit);
+    out_of_range |= static_cast<__mmask16>(mask & ~in);
+    const __m512i xv = _mm512_mask_i32gather_epi32(zero, in, g, a.xw, 4);
     acc0 = _mm512_dpbusd_epi32(acc0, xv, _mm512_maskz_loadu_epi32(mask, vals + i));
+  }
+  if (out_of_range != 0) {
+    a.index_out_of_range->store(true, std::memory_order_relaxed);
   }
   a.out[n] = dequantize(a, _mm512_reduce_add_epi32(_mm512_add_epi32(acc0, acc1)), 0, n);
 }
@@ -291,13 +308,15 @@ at::Tensor sparse_int8_linear_cpu(const at::Tensor& x_in, const at::Tensor& row_
   TORCH_CHECK(x_in.dim() >= 1, op, ": expected an input with at least 1 dimension, but got a 0-dim tensor");
   const int64_t k = x_in.size(-1);
   const int64_t groups = (k + 3) / 4;
-  check_block_rows(row_ptr, group_idx, n, groups, op);
+  const Isa isa = active_isa();
+  // The AVX-512 kernel for one token checks the group indices as it reads them.
+  const bool checks_indices_inline = has_avx512(isa) && x_in.numel() == k && k > 0;
+  check_block_rows(row_ptr, group_idx, n, groups, op, !checks_indices_inline);
   const float* bias_ptr = bias_data(bias, n, op);
 
   const at::Tensor x = rows_of(x_in, k, op);
   const int64_t m = x.size(0);
   const int64_t k_pad = groups * 4;
-  const Isa isa = active_isa();
   const QuantizedActivations qa = quantize_activations(x, k_pad, x_scale, x_zero_point, isa, op);
   const uint8_t* q_ptr = qa.q.const_data_ptr<uint8_t>();
 
@@ -330,6 +349,7 @@ at::Tensor sparse_int8_linear_cpu(const at::Tensor& x_in, const at::Tensor& row_
   }
   at::Tensor out = at::empty({m, n}, x.options());
 
+  std::atomic<bool> index_out_of_range{false};
   const SparseInt8Args args{row_ptr.const_data_ptr<int32_t>(),
                             reinterpret_cast<const uint16_t*>(group_idx.const_data_ptr<int16_t>()),
                             reinterpret_cast<const int32_t*>(values.const_data_ptr<int8_t>()),
@@ -344,7 +364,8 @@ at::Tensor sparse_int8_linear_cpu(const at::Tensor& x_in, const at::Tensor& row_
                             out.mutable_data_ptr<float>(),
                             m,
                             n,
-                            groups};
+                            groups,
+                            &index_out_of_range};
   // Tasks run chunk by chunk, so that one activation chunk serves every output row from cache.
   const int64_t groups_per_row = std::max<int64_t>(1, values.size(0) / std::max<int64_t>(n, 1));
   const int64_t grain = std::max<int64_t>(1, (1 << 16) / (groups_per_row * 4 * width));
@@ -360,6 +381,8 @@ at::Tensor sparse_int8_linear_cpu(const at::Tensor& x_in, const at::Tensor& row_
       }
     }
   });
+  TORCH_CHECK(!index_out_of_range.load(), op, ": expected group indices below ", groups,
+              ", but group_idx contains a larger one");
   return out.view(output_shape(x_in, n));
 }
 
