@@ -66,6 +66,11 @@ def test_zero_pruned_leaves_masked_tensor_unchanged(isa):
     assert torch.equal(tensor, before)
 
 
+def test_zero_pruned_empty_lists_do_nothing():
+    ops.zero_pruned_([], [])
+    reference.zero_pruned_([], [])
+
+
 def test_zero_pruned_opcheck():
     tensor, keep = masked_pair(257, seed=5)
     torch.library.opcheck(torch.ops.weightlight.zero_pruned_.default, ([tensor.view(257)], [keep]))
@@ -77,7 +82,8 @@ def test_zero_pruned_opcheck():
         ([torch.zeros(4, dtype=torch.float64)], [torch.ones(4, dtype=torch.bool)], "float32"),
         ([torch.zeros(4, 4).t()], [torch.ones(16, dtype=torch.bool)], "not contiguous"),
         ([torch.zeros(4)], [torch.ones(4)], "bool"),
-        ([torch.zeros(4)], [torch.ones(5, dtype=torch.bool)], "5 entries"),
+        ([torch.zeros(4)], [torch.ones(5, dtype=torch.bool)], r"shape \[5\]"),
+        ([torch.zeros(8, 4)], [torch.ones(4, 8, dtype=torch.bool)], r"shape \[4, 8\], but its tensor has shape \[8, 4\]"),
         ([torch.zeros(4)], [], "one mask per tensor"),
     ],
 )

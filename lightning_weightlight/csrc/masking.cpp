@@ -69,8 +69,8 @@ void zero_pruned_cpu(at::TensorList tensors, at::TensorList keeps) {
     TORCH_CHECK(keep.scalar_type() == at::kBool && keep.is_contiguous(), op,
                 ": expected contiguous bool masks, but mask ", t, " is ", keep.scalar_type(),
                 keep.is_contiguous() ? "" : " and not contiguous");
-    TORCH_CHECK(keep.numel() == tensor.numel(), op, ": mask ", t, " has ", keep.numel(),
-                " entries, but its tensor has ", tensor.numel());
+    TORCH_CHECK(keep.sizes() == tensor.sizes(), op, ": mask ", t, " has shape ", keep.sizes(),
+                ", but its tensor has shape ", tensor.sizes());
   }
   const bool avx512 = has_avx512(active_isa());
   for (size_t t = 0; t < tensors.size(); ++t) {

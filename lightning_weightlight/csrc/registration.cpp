@@ -24,7 +24,7 @@ TORCH_LIBRARY(weightlight, m) {
   m.def(
       "sparse_int8_linear(Tensor x, Tensor row_ptr, Tensor group_idx, Tensor values, Tensor w_sums, "
       "Tensor w_scale, Tensor? bias=None, Tensor? x_scale=None, Tensor? x_zero_point=None) -> Tensor");
-  // tensors[i][~keeps[i]] = 0 in place: float32 tensors, bool masks with as many entries.
+  // tensors[i][~keeps[i]] = 0 in place: float32 tensors, bool masks of the same shapes.
   m.def("zero_pruned_(Tensor(a!)[] tensors, Tensor[] keeps) -> ()");
 }
 

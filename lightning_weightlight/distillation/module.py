@@ -528,8 +528,10 @@ class DistillationModule(L.LightningModule):
         last = ", ".join(
             f"{name}={float(value):.4f}" for name, value in metrics.items() if name.startswith("distill/")
         )
+        teachers = ", ".join(f"{size:,}" for size in teacher_sizes)
         rank_zero_info(
-            f"DistillationModule: student {student_size:,} parameters, teachers {teacher_sizes} parameters "
+            f"DistillationModule: student {student_size:,} parameters, "
+            f"{'teacher' if len(teacher_sizes) == 1 else 'teachers'} {teachers} parameters "
             f"({teacher_sizes[0] / max(student_size, 1):.1f}x the student for the first); last logged: {last}"
         )
 

@@ -135,6 +135,7 @@ def compress(
         if include is not None or exclude is not None:
             raise
         candidates = {}  # a model whose layers QAT conversion already replaced, or one without any
+    kept_dense = 0
     for name, layer in candidates.items():
         if type(layer) not in KERNEL_CLASSES:
             skipped.append(
@@ -147,6 +148,7 @@ def compress(
             )
             if kernel == "dense":
                 log.info("compress: %s stays dense: the dense float kernel is fastest for its weight", name)
+                kept_dense += 1
                 continue
             deploy = _to_deploy(layer, kernel)
         except (ValueError, TypeError, NotImplementedError, RuntimeError, KeyError) as err:
@@ -162,5 +164,11 @@ def compress(
         warnings.warn(message, UserWarning, stacklevel=2)
 
     converted = sum(1 for module in model.modules() if is_deploy_module(module))
-    log.info("compress: %d deploy layers, %d layers left in float", converted, len(skipped))
+    log.info(
+        "compress: %d deploy layers, %d kept dense in float by choice, %d left in float because they "
+        "could not be converted",
+        converted,
+        kept_dense,
+        len(skipped),
+    )
     return model.eval()

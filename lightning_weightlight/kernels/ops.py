@@ -126,10 +126,13 @@ def sparse_int8_linear(
 def zero_pruned_(tensors: list[torch.Tensor], keeps: list[torch.Tensor]) -> None:
     """Zero in place the entries of each float32 tensor where its bool mask is False.
 
-    ``keeps[i]`` is a contiguous bool tensor with as many entries as the contiguous float32
-    ``tensors[i]``. An entry that is already zero is not written, so a pass over masked weights
-    only reads them. Matches :func:`lightning_weightlight.kernels.reference.zero_pruned_`.
+    ``keeps[i]`` is a contiguous bool tensor of the shape of the contiguous float32 ``tensors[i]``
+    (True keeps the entry). An entry that is already zero is not written, so a pass over masked
+    weights only reads them. Two empty lists do nothing. Matches
+    :func:`lightning_weightlight.kernels.reference.zero_pruned_`.
     """
+    if not tensors and not keeps:
+        return
     if _loader.HAS_CPP:
         _ZERO_PRUNED(tensors, keeps)
     else:

@@ -223,6 +223,12 @@ def zero_pruned_(tensors: list[torch.Tensor], keeps: list[torch.Tensor]) -> None
             f"zero_pruned_: expected one mask per tensor, but got {len(tensors)} tensors "
             f"and {len(keeps)} masks"
         )
+    for index, (tensor, keep) in enumerate(zip(tensors, keeps)):
+        if keep.shape != tensor.shape:
+            raise ValueError(
+                f"zero_pruned_: mask {index} has shape {list(keep.shape)}, "
+                f"but its tensor has shape {list(tensor.shape)}"
+            )
     with torch.no_grad():
         for tensor, keep in zip(tensors, keeps):
-            tensor.masked_fill_(~keep.reshape(tensor.shape), 0.0)
+            tensor.masked_fill_(~keep, 0.0)

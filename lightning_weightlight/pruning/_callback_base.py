@@ -282,8 +282,8 @@ class _PruningCallback(Callback):
             if trainer.is_global_zero and _unfused_cpu_adam(optimizer):
                 log.info(
                     "%s: %s runs its unfused step on CPU parameters, which slows down on pruned "
-                    "weights (torch.sqrt of their zero second moments); pass fused=True to the "
-                    "optimizer for a faster step",
+                    "weights (torch.sqrt of their zero or vanishing second moments); pass fused=True "
+                    "to the optimizer for a faster step",
                     type(self).__name__,
                     type(optimizer).__name__,
                 )
