@@ -83,7 +83,11 @@ def test_zero_pruned_opcheck():
         ([torch.zeros(4, 4).t()], [torch.ones(16, dtype=torch.bool)], "not contiguous"),
         ([torch.zeros(4)], [torch.ones(4)], "bool"),
         ([torch.zeros(4)], [torch.ones(5, dtype=torch.bool)], r"shape \[5\]"),
-        ([torch.zeros(8, 4)], [torch.ones(4, 8, dtype=torch.bool)], r"shape \[4, 8\], but its tensor has shape \[8, 4\]"),
+        (
+            [torch.zeros(8, 4)],
+            [torch.ones(4, 8, dtype=torch.bool)],
+            r"shape \[4, 8\], but its tensor has shape \[8, 4\]",
+        ),
         ([torch.zeros(4)], [], "one mask per tensor"),
     ],
 )
