@@ -15,8 +15,8 @@ from lightning_weightlight.kernels import ops, packing, reference
 ISAS = ["avx512", "avx2", "scalar"]
 BLOCKS = list(packing.BLOCK_SHAPES)
 # (M, K, N): odd sizes, K not a multiple of 4 or 64, and every kernel's batch range: M = 1
-# (gathers), 2 to 8 (two nonzeros or groups per vector), 9 to 16, 17 to 63 (32-token chunks) and
-# 64 or more (64-token chunks of the fp32 kernels with single-row blocks).
+# (gathers), 2 to 8 (two nonzeros or groups per vector), 9 to 16, and more (32-token chunks, several
+# of them at M = 70).
 SHAPES = [
     (1, 7, 5),
     (1, 384, 96),
