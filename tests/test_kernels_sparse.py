@@ -139,10 +139,11 @@ def test_sparse_linear_rejects_bad_format():
         )
 
 
-@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("rows", [1, 3, 12])
 @pytest.mark.parametrize("bad_index", [12, 65535])
 def test_sparse_linear_rejects_index_out_of_range(isa, rows, bad_index):
-    # One row runs the AVX-512 gather kernel, which checks the indices as it reads them.
+    # The AVX-512 gather kernel for one row checks the indices as it reads them; other row counts
+    # and the other instruction sets scan them before the kernel runs.
     weight = pruned_weight(8, 12, 0.5, "unstructured", seed=5)
     row_ptr, col_idx, values = packing.pack_sparse_weight(weight)
     bad_idx = col_idx.clone()
@@ -151,7 +152,7 @@ def test_sparse_linear_rejects_index_out_of_range(isa, rows, bad_index):
         ops.sparse_linear(torch.randn(rows, 12), row_ptr, bad_idx, values, None, 8)
 
 
-@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("rows", [1, 3, 12])
 def test_sparse_int8_linear_rejects_index_out_of_range(isa, rows):
     _, w_scale, sparse, sums = sparse_int8_layer(8, 12, 0.5, "unstructured", seed=5)
     row_ptr, group_idx, values = sparse
