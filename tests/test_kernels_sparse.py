@@ -142,8 +142,8 @@ def test_sparse_linear_rejects_bad_format():
 @pytest.mark.parametrize("rows", [1, 3, 12])
 @pytest.mark.parametrize("bad_index", [12, 65535])
 def test_sparse_linear_rejects_index_out_of_range(isa, rows, bad_index):
-    # The AVX-512 gather kernel for one row checks the indices as it reads them; other row counts
-    # and the other instruction sets scan them before the kernel runs.
+    # The AVX-512 kernels for one row and for 2 to 8 rows check the indices of each row themselves;
+    # 12 rows and the other instruction sets scan them all before the kernel runs.
     weight = pruned_weight(8, 12, 0.5, "unstructured", seed=5)
     row_ptr, col_idx, values = packing.pack_sparse_weight(weight)
     bad_idx = col_idx.clone()

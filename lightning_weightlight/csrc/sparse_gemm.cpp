@@ -261,15 +261,42 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) inline __m512 pair
   return _mm512_fmadd_ps(wv, xv, acc);
 }
 
+// Return whether every index of idx[begin, end) is below limit, reading 32 indices per step.
+__attribute__((target("avx512f,avx512bw,avx512vl"))) inline bool indices_below(const uint16_t* idx, int32_t begin,
+                                                                              int32_t end, int64_t limit) {
+  if (limit > 65535 || begin == end) {
+    return true;  // no 16-bit index reaches a limit of 65536
+  }
+  if (limit <= 0) {
+    return false;
+  }
+  __m512i largest = _mm512_setzero_si512();
+  int32_t i = begin;
+  for (; i + 32 <= end; i += 32) {
+    largest = _mm512_max_epu16(largest, _mm512_loadu_si512(idx + i));
+  }
+  if (i < end) {
+    const __mmask32 tail = static_cast<__mmask32>((1ull << (end - i)) - 1u);
+    largest = _mm512_max_epu16(largest, _mm512_maskz_loadu_epi16(tail, idx + i));
+  }
+  const __m512i bound = _mm512_set1_epi16(static_cast<int16_t>(static_cast<uint16_t>(limit)));
+  return _mm512_cmpge_epu16_mask(largest, bound) == 0;
+}
+
 // Unstructured weights at 2 to 8 tokens, in one chunk of 8 tokens: one vector contains the token
 // lanes of two nonzeros (lanes 0-7 the first, 8-15 the second), so no lane is padding at M = 8 and
-// the packed activations (K_pad x 8 floats) take half the cache of 16-token chunks.
+// the packed activations (K_pad x 8 floats) take half the cache of 16-token chunks. The row's
+// indices are checked first, which also brings them into L1 for the products.
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma"))) void pair_row_avx512(const SparseArgs& a,
                                                                                   int64_t n, int64_t) {
   const int32_t end = a.row_ptr[n + 1];
   const float* x = a.xt;
   const uint16_t* idx = a.col_idx;
   const float* vals = a.values;
+  if (!indices_below(idx, a.row_ptr[n], end, a.k_pad)) {
+    a.index_out_of_range->store(true, std::memory_order_relaxed);
+    return;
+  }
   __m512 acc0 = _mm512_setzero_ps();
   __m512 acc1 = _mm512_setzero_ps();
   __m512 acc2 = _mm512_setzero_ps();
@@ -451,8 +478,10 @@ at::Tensor sparse_linear_cpu(const at::Tensor& x_in, const at::Tensor& row_ptr, 
   const int64_t block_cols = (k + c - 1) / c;
   const Isa isa = active_isa();
   const int64_t m_rows = x_in.numel() / std::max<int64_t>(k, 1);
-  // The AVX-512 gather kernel (one token, single-row blocks) checks the indices as it reads them.
-  const bool checks_indices_inline = has_avx512(isa) && m_rows == 1 && r == 1;
+  // The AVX-512 kernels for one token (single-row blocks) and for 2 to 8 tokens (unstructured)
+  // check the indices of each row themselves.
+  const bool checks_indices_inline =
+      has_avx512(isa) && r == 1 && (m_rows == 1 || (c == 1 && m_rows >= 2 && m_rows <= 8));
   check_block_rows(row_ptr, col_idx, block_rows, block_cols, op, !checks_indices_inline);
   TORCH_CHECK(values.size(0) == col_idx.size(0), op, ": expected one value block per column index (",
               col_idx.size(0), "), but got ", values.size(0));
