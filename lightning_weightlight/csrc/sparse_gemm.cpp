@@ -265,7 +265,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) inline __m512 pair
 __attribute__((target("avx512f,avx512bw,avx512vl"))) inline bool indices_below(const uint16_t* idx, int32_t begin,
                                                                               int32_t end, int64_t limit) {
   if (limit > 65535 || begin == end) {
-    return true;  // no 16-bit index reaches a limit of 65536
+    return true;  // an empty row, or a limit above every 16-bit index
   }
   if (limit <= 0) {
     return false;
