@@ -170,7 +170,7 @@ def cpu_flags() -> set[str]:
 
 
 @pytest.mark.skipif("amx_int8" not in cpu_flags(), reason="this CPU has no AMX int8 tiles")
-def test_amx_tiles_are_used_and_equal_the_avx512_path():
+def test_amx_path_matches_avx512_path():
     assert ops.set_isa("auto") == "amx"
     q_w, w_scale, bias = make_layer(200, 1031, seed=3)
     packed = packing.pack_int8_weight(q_w)

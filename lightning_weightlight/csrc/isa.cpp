@@ -11,8 +11,8 @@
 namespace weightlight {
 namespace {
 
-// Linux hands out the AMX tile data state only on request (arch_prctl ARCH_REQ_XCOMP_PERM for
-// XFEATURE_XTILEDATA, Linux 5.16 and newer); a tile instruction without it raises SIGILL.
+// Linux grants the AMX tile data state only on request (arch_prctl ARCH_REQ_XCOMP_PERM for
+// XFEATURE_XTILEDATA, Linux 5.16 and newer). A tile instruction without it raises SIGILL.
 bool amx_permitted() {
   constexpr long kArchReqXcompPerm = 0x1023;
   constexpr long kXfeatureXtiledata = 18;

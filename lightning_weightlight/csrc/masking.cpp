@@ -1,10 +1,11 @@
 // zero_pruned_: set to zero, in place, the entries of float32 tensors that a boolean mask prunes.
 //
-// The pruning callbacks run it on every pruned weight's gradient before each optimizer step and
-// on the weight after it. Both passes stream tensors much larger than the caches, so the kernel
-// reads the one-byte mask and the tensor, and stores zeros only into the pruned lanes of a group of
-// 64 entries that contains a nonzero pruned value. A weight that is already masked is only read; a
-// float mask multiply would also read four bytes of mask per entry and write every entry back.
+// The pruning callbacks run it on every pruned weight's gradient before each optimizer step, and
+// on the weight after the step when the optimizer could have moved it. These passes stream tensors
+// much larger than the caches, so the kernel reads the one-byte mask and the tensor, and stores
+// zeros only into the pruned lanes of a group of 64 entries that contains a nonzero pruned value.
+// A weight that is already masked is therefore only read, where a float mask multiply would also
+// read four bytes of mask per entry and write every entry back.
 #include <immintrin.h>
 
 #include <algorithm>

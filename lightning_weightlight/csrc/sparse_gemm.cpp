@@ -355,7 +355,8 @@ using BlockRowFn = void (*)(const SparseArgs&, int64_t, int64_t);
 
 struct KernelChoice {
   BlockRowFn fn;
-  int64_t width;  // tokens per activation chunk
+  int64_t width;                // tokens per activation chunk
+  bool checks_indices = false;  // the kernel reports an index out of range itself
 };
 
 // Accumulator sets for one vector of tokens: enough for 4 or more independent FMA chains.
@@ -370,14 +371,14 @@ template <int R, int C>
 KernelChoice avx512_kernel(int64_t m) {
   if (m == 1) {
     if constexpr (R == 1) {
-      return {single_row_gather_avx512<R, C>, 1};
+      return {single_row_gather_avx512<R, C>, 1, true};
     } else {
       return {single_row_blocks_avx512<R, C>, 1};
     }
   }
   if constexpr (R == 1 && C == 1) {
     if (m <= 8) {
-      return {pair_row_avx512, 8};
+      return {pair_row_avx512, 8, true};
     }
   }
   // One vector of 16 tokens for small batches, two (a 32-token chunk) above.
@@ -476,21 +477,17 @@ at::Tensor sparse_linear_cpu(const at::Tensor& x_in, const at::Tensor& row_ptr, 
   const int64_t n = out_features;
   const int64_t block_rows = (n + r - 1) / r;
   const int64_t block_cols = (k + c - 1) / c;
+  const at::Tensor x = rows_of(x_in, k, op);
+  const int64_t m = x.size(0);
   const Isa isa = active_isa();
-  const int64_t m_rows = x_in.numel() / std::max<int64_t>(k, 1);
-  // The AVX-512 kernels for one token (single-row blocks) and for 2 to 8 tokens (unstructured)
-  // check the indices of each row themselves.
-  const bool checks_indices_inline =
-      has_avx512(isa) && r == 1 && (m_rows == 1 || (c == 1 && m_rows >= 2 && m_rows <= 8));
-  check_block_rows(row_ptr, col_idx, block_rows, block_cols, op, !checks_indices_inline);
+  const KernelChoice choice = pick_kernel(isa, static_cast<int>(r), static_cast<int>(c), m);
+  // With no rows the kernels read nothing, so the indices are checked here as for any other call.
+  check_block_rows(row_ptr, col_idx, block_rows, block_cols, op, !(choice.checks_indices && m > 0));
   TORCH_CHECK(values.size(0) == col_idx.size(0), op, ": expected one value block per column index (",
               col_idx.size(0), "), but got ", values.size(0));
   const float* bias_ptr = bias_data(bias, n, op);
 
-  const at::Tensor x = rows_of(x_in, k, op);
-  const int64_t m = x.size(0);
   const int64_t k_pad = block_cols * c;
-  const KernelChoice choice = pick_kernel(isa, static_cast<int>(r), static_cast<int>(c), m);
   const int64_t chunks = (m + choice.width - 1) / choice.width;
   at::Tensor xt;
   if (choice.width == 1 && k_pad == k) {

@@ -308,17 +308,10 @@ at::Tensor sparse_int8_linear_cpu(const at::Tensor& x_in, const at::Tensor& row_
   TORCH_CHECK(x_in.dim() >= 1, op, ": expected an input with at least 1 dimension, but got a 0-dim tensor");
   const int64_t k = x_in.size(-1);
   const int64_t groups = (k + 3) / 4;
-  const Isa isa = active_isa();
-  // The AVX-512 kernel for one token checks the group indices as it reads them.
-  const bool checks_indices_inline = has_avx512(isa) && x_in.numel() == k && k > 0;
-  check_block_rows(row_ptr, group_idx, n, groups, op, !checks_indices_inline);
-  const float* bias_ptr = bias_data(bias, n, op);
-
   const at::Tensor x = rows_of(x_in, k, op);
   const int64_t m = x.size(0);
   const int64_t k_pad = groups * 4;
-  const QuantizedActivations qa = quantize_activations(x, k_pad, x_scale, x_zero_point, isa, op);
-  const uint8_t* q_ptr = qa.q.const_data_ptr<uint8_t>();
+  const Isa isa = active_isa();
 
   void (*kernel)(const SparseInt8Args&, int64_t, int64_t) = row_scalar;
   int64_t width = 1;  // the scalar kernel and the single-token kernel read the rows of q
@@ -339,6 +332,14 @@ at::Tensor sparse_int8_linear_cpu(const at::Tensor& x_in, const at::Tensor& row_
     kernel = m <= 8 ? row_avx2<1> : row_avx2<2>;
     width = m <= 8 ? 8 : 16;
   }
+  // The AVX-512 kernel for one token checks the group indices as it reads them.
+  const bool kernel_checks_indices = kernel == single_row_avx512;
+  check_block_rows(row_ptr, group_idx, n, groups, op, !kernel_checks_indices);
+  const float* bias_ptr = bias_data(bias, n, op);
+
+  const QuantizedActivations qa = quantize_activations(x, k_pad, x_scale, x_zero_point, isa, op);
+  const uint8_t* q_ptr = qa.q.const_data_ptr<uint8_t>();
+
   const int64_t chunks = (m + width - 1) / width;
   at::Tensor xw;
   const int32_t* xw_ptr = reinterpret_cast<const int32_t*>(q_ptr);

@@ -28,8 +28,8 @@ def has_cpp() -> bool:
 def active_isa() -> str:
     """Return the instruction set that the kernels use: ``"amx"``, ``"avx512"``, ``"avx2"`` or ``"scalar"``.
 
-    ``"amx"`` is AVX-512 VNNI plus the AMX int8 tiles, which the dense int8 GEMM uses at more than
-    4 rows and K of 64 or more; every other kernel runs its AVX-512 code there.
+    ``"amx"`` is AVX-512 VNNI plus the AMX int8 tiles. The dense int8 GEMM uses the tiles at more
+    than 4 rows and K of 64 or more, and every other kernel runs its AVX-512 code there.
     """
     if not _loader.HAS_CPP:
         return "reference"

@@ -67,21 +67,21 @@ _MOMENTUM_STATE: dict[type, tuple[str, ...]] = {
 def _zero_pruned(tensors: list[Tensor], masks: list[Tensor]) -> None:
     """Zero the pruned entries of ``tensors`` in place; each mask is bool or in its tensor's dtype.
 
-    Contiguous float32 CPU tensors with bool masks go to the compiled op, which reads a weight that
-    is already masked without writing it back; the others are multiplied by their masks.
+    Contiguous float32 CPU tensors with bool masks go to the compiled op. That op only reads a weight
+    that is already masked, so it writes nothing back. The other tensors are multiplied by their masks.
     """
-    fast = [
-        (tensor, mask)
-        for tensor, mask in zip(tensors, masks)
-        if mask.dtype == torch.bool and _takes_bool_mask(tensor)
-    ]
-    if fast:
-        ops.zero_pruned_([tensor for tensor, _ in fast], [mask for _, mask in fast])
-    if len(fast) == len(tensors):
-        return
-    fast_ids = {id(tensor) for tensor, _ in fast}
-    rest = [(tensor, mask) for tensor, mask in zip(tensors, masks) if id(tensor) not in fast_ids]
-    torch._foreach_mul_([tensor for tensor, _ in rest], [mask.to(tensor.dtype) for tensor, mask in rest])
+    compiled_tensors, compiled_masks, multiplied_tensors, multiplied_masks = [], [], [], []
+    for tensor, mask in zip(tensors, masks):
+        if mask.dtype == torch.bool and _takes_bool_mask(tensor):
+            compiled_tensors.append(tensor)
+            compiled_masks.append(mask)
+        else:
+            multiplied_tensors.append(tensor)
+            multiplied_masks.append(mask.to(tensor.dtype))
+    if compiled_tensors:
+        ops.zero_pruned_(compiled_tensors, compiled_masks)
+    if multiplied_tensors:
+        torch._foreach_mul_(multiplied_tensors, multiplied_masks)
 
 
 def _check_choice(argument: str, value: str, allowed: Sequence[str]) -> str:
@@ -368,8 +368,9 @@ class _PruningCallback(Callback):
     def _refresh_device_masks(self) -> None:
         """Cache each mask in the form that enforces it fastest on its parameter.
 
-        A contiguous float32 CPU parameter keeps the bool mask, for the compiled ``zero_pruned_``
-        op; any other parameter gets the mask on its device and in its dtype, for one multiply.
+        A contiguous float32 CPU parameter keeps the bool mask, which the compiled ``zero_pruned_``
+        op takes. Any other parameter gets the mask on its device and in its dtype, so that
+        enforcing it is one multiply.
         """
         self._device_masks = {
             name: self._masks[name].contiguous()
