@@ -15,12 +15,14 @@ from lightning_weightlight.kernels import ops, packing, reference
 ISAS = ["avx512", "avx2", "scalar"]
 BLOCKS = list(packing.BLOCK_SHAPES)
 # (M, K, N): odd sizes, K not a multiple of 4 or 64, and every kernel's batch range: M = 1
-# (gathers), 2 to 8 (two nonzeros or groups per vector), 9 to 16, and more (32-token chunks, several
-# of them at M = 70).
+# (gathers and loads by index), 2 to 4 and 5 to 8 (two nonzeros or groups per vector; AVX2 splits
+# the range at 4), 9 to 16, and more (32-token chunks, several of them at M = 70).
 SHAPES = [
     (1, 7, 5),
     (1, 384, 96),
     (2, 33, 17),
+    (4, 7, 5),
+    (5, 70, 33),
     (9, 131, 40),
     (37, 70, 33),
     (0, 5, 3),
@@ -139,11 +141,11 @@ def test_sparse_linear_rejects_bad_format():
         )
 
 
-@pytest.mark.parametrize("rows", [1, 3, 12])
+@pytest.mark.parametrize("rows", [1, 3, 6, 12])
 @pytest.mark.parametrize("bad_index", [12, 65535])
 def test_sparse_linear_rejects_index_out_of_range(isa, rows, bad_index):
-    # The AVX-512 kernels for one row and for 2 to 8 rows check the indices of each row themselves;
-    # 12 rows and the other instruction sets scan them all before the kernel runs.
+    # The AVX-512 and AVX2 kernels for 1 to 8 rows check the indices of each row themselves;
+    # 12 rows and the scalar path scan them all before the kernel runs.
     weight = pruned_weight(8, 12, 0.5, "unstructured", seed=5)
     row_ptr, col_idx, values = packing.pack_sparse_weight(weight)
     bad_idx = col_idx.clone()
@@ -152,7 +154,7 @@ def test_sparse_linear_rejects_index_out_of_range(isa, rows, bad_index):
         ops.sparse_linear(torch.randn(rows, 12), row_ptr, bad_idx, values, None, 8)
 
 
-@pytest.mark.parametrize("rows", [1, 3, 12])
+@pytest.mark.parametrize("rows", [1, 3, 6, 12])
 def test_sparse_int8_linear_rejects_index_out_of_range(isa, rows):
     _, w_scale, sparse, sums = sparse_int8_layer(8, 12, 0.5, "unstructured", seed=5)
     row_ptr, group_idx, values = sparse
@@ -199,7 +201,7 @@ def test_sparse_int8_linear_matches_reference(isa, block, shape):
     torch.testing.assert_close(out, reference.static_int8_linear(x, q_w, w_scale, *static, bias), **FLOAT_TOL)
 
 
-@pytest.mark.parametrize("m", [1, 5, 40])
+@pytest.mark.parametrize("m", [1, 3, 5, 40])
 def test_sparse_int8_linear_integer_accumulators_exact(isa, m):
     generator = torch.Generator().manual_seed(m)
     k, n, zero_point = 103, 29, 77

@@ -1,6 +1,9 @@
 // Checks of the block-compressed sparse row (BSR) weight format shared by the sparse kernels.
 #pragma once
 
+#include <immintrin.h>
+
+#include <algorithm>
 #include <cstdint>
 
 #include <ATen/core/Tensor.h>
@@ -13,5 +16,25 @@ namespace weightlight {
 // which skips the scan of col_idx (a read of 2 bytes per block on every call).
 void check_block_rows(const at::Tensor& row_ptr, const at::Tensor& col_idx, int64_t block_rows,
                       int64_t block_cols_total, const char* op, bool check_indices = true);
+
+// Return whether every index of idx[0, count) is below limit, reading 16 indices per step.
+__attribute__((target("avx2"))) inline bool indices_below_avx2(const uint16_t* idx, int64_t count, int64_t limit) {
+  if (limit > 65535 || count == 0) {
+    return true;
+  }
+  __m256i largest = _mm256_setzero_si256();
+  int64_t i = 0;
+  for (; i + 16 <= count; i += 16) {
+    largest = _mm256_max_epu16(largest, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(idx + i)));
+  }
+  const __m128i half = _mm_max_epu16(_mm256_castsi256_si128(largest), _mm256_extracti128_si256(largest, 1));
+  // The largest of 8 unsigned words: minpos finds the smallest of their complements.
+  const __m128i smallest = _mm_minpos_epu16(_mm_xor_si128(half, _mm_set1_epi32(-1)));
+  uint32_t top = 0xFFFFu - (static_cast<uint32_t>(_mm_cvtsi128_si32(smallest)) & 0xFFFFu);
+  for (; i < count; ++i) {
+    top = std::max<uint32_t>(top, idx[i]);
+  }
+  return top < limit;
+}
 
 }  // namespace weightlight

@@ -11,7 +11,8 @@
 // With several tokens the uint8 activations are repacked into chunks of `width` tokens,
 // (chunks, K_pad / 4, width) words of 4 inputs, and one group multiplies a vector of 16 or
 // more tokens (AVX-512) or 8 or 16 (AVX2). With a single token the AVX-512 kernel gathers 16
-// groups' inputs at a time; with 2 to 8 it puts two groups of 8 tokens in one vector.
+// groups' inputs at a time and the AVX2 kernel loads 8 by index; with 2 to 8 tokens AVX-512 puts
+// two groups of 8 tokens in one vector, and AVX2 two groups of 4 tokens at 2 to 4.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -108,6 +109,110 @@ __attribute__((target("avx2,fma"))) void row_avx2(const SparseInt8Args& a, int64
       const int64_t m = m0 + 8 * v + l;
       a.out[m * a.n + n] = dequantize(a, lanes[l], m, n);
     }
+  }
+}
+
+// Sums of the 4 byte products of each 32-bit lane of x (uint8) and w (int8), exact.
+__attribute__((target("avx2"))) inline __m256i dot_words_avx2(__m256i x, __m256i w) {
+  const __m256i x_even = _mm256_and_si256(x, _mm256_set1_epi32(0x00FF00FF));
+  const __m256i x_odd = _mm256_srli_epi16(x, 8);
+  const __m256i w_even = _mm256_srai_epi16(_mm256_slli_epi16(w, 8), 8);
+  const __m256i w_odd = _mm256_srai_epi16(w, 8);
+  return _mm256_add_epi32(_mm256_madd_epi16(x_even, w_even), _mm256_madd_epi16(x_odd, w_odd));
+}
+
+// The activation words of four groups whose 16-bit indices start at idx.
+__attribute__((target("avx2"))) inline __m128i four_words(const int32_t* x, const uint16_t* idx) {
+  uint64_t w;
+  std::memcpy(&w, idx, 8);
+  return _mm_set_epi32(x[w >> 48], x[(w >> 32) & 0xFFFF], x[(w >> 16) & 0xFFFF], x[w & 0xFFFF]);
+}
+
+// One token on AVX2: the row's indices are checked first, then vectors of 8 activation words are
+// built from scalar loads and multiplied with 8 weight words.
+__attribute__((target("avx2"))) void single_row_avx2(const SparseInt8Args& a, int64_t n, int64_t) {
+  const int32_t begin = a.row_ptr[n];
+  const int64_t count = a.row_ptr[n + 1] - begin;
+  const uint16_t* idx = a.group_idx + begin;
+  const int32_t* vals = a.values + begin;
+  const int32_t* x = a.xw;
+  if (!indices_below_avx2(idx, count, a.groups)) {
+    a.index_out_of_range->store(true, std::memory_order_relaxed);
+    return;
+  }
+  __m256i acc0 = _mm256_setzero_si256();
+  __m256i acc1 = _mm256_setzero_si256();
+  int64_t i = 0;
+  for (; i + 16 <= count; i += 16) {
+    const __m256i x0 = _mm256_set_m128i(four_words(x, idx + i + 4), four_words(x, idx + i));
+    const __m256i x1 = _mm256_set_m128i(four_words(x, idx + i + 12), four_words(x, idx + i + 8));
+    acc0 = _mm256_add_epi32(acc0, dot_words_avx2(x0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(vals + i))));
+    acc1 = _mm256_add_epi32(acc1,
+                            dot_words_avx2(x1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(vals + i + 8))));
+  }
+  for (; i + 8 <= count; i += 8) {
+    const __m256i x0 = _mm256_set_m128i(four_words(x, idx + i + 4), four_words(x, idx + i));
+    acc0 = _mm256_add_epi32(acc0, dot_words_avx2(x0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(vals + i))));
+  }
+  const __m256i sum8 = _mm256_add_epi32(acc0, acc1);
+  __m128i sum4 = _mm_add_epi32(_mm256_castsi256_si128(sum8), _mm256_extracti128_si256(sum8, 1));
+  sum4 = _mm_add_epi32(sum4, _mm_unpackhi_epi64(sum4, sum4));
+  uint32_t sum = static_cast<uint32_t>(_mm_cvtsi128_si32(sum4)) + static_cast<uint32_t>(_mm_extract_epi32(sum4, 1));
+  for (; i < count; ++i) {
+    const uint8_t* xg = a.q + static_cast<int64_t>(idx[i]) * 4;
+    const int8_t* wg = reinterpret_cast<const int8_t*>(vals + i);
+    for (int j = 0; j < 4; ++j) {
+      sum += static_cast<uint32_t>(static_cast<int32_t>(xg[j]) * static_cast<int32_t>(wg[j]));
+    }
+  }
+  a.out[n] = dequantize(a, static_cast<int32_t>(sum), 0, n);
+}
+
+// The products of groups b (lanes 0-3) and b + 1 (lanes 4-7) with their 4 token words.
+__attribute__((target("avx2"))) inline __m256i pair_dot_avx2(const int32_t* x, const uint16_t* idx,
+                                                             const int32_t* vals, int32_t b) {
+  const __m256i xv = _mm256_loadu2_m128i(reinterpret_cast<const __m128i*>(x + idx[b + 1] * 4),
+                                         reinterpret_cast<const __m128i*>(x + idx[b] * 4));
+  const __m128i two = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(vals + b));
+  const __m256i halves = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
+  return dot_words_avx2(xv, _mm256_permutevar8x32_epi32(_mm256_castsi128_si256(two), halves));
+}
+
+// 2 to 4 tokens on AVX2, in one chunk of 4: one vector holds the 4 token words of two groups.
+__attribute__((target("avx2"))) void pair_row_avx2(const SparseInt8Args& a, int64_t n, int64_t) {
+  const int32_t begin = a.row_ptr[n];
+  const int32_t end = a.row_ptr[n + 1];
+  const uint16_t* idx = a.group_idx;
+  const int32_t* vals = a.values;
+  const int32_t* x = a.xw;
+  if (!indices_below_avx2(idx + begin, end - begin, a.groups)) {
+    a.index_out_of_range->store(true, std::memory_order_relaxed);
+    return;
+  }
+  __m256i acc0 = _mm256_setzero_si256();
+  __m256i acc1 = _mm256_setzero_si256();
+  int32_t b = begin;
+  for (; b + 4 <= end; b += 4) {
+    acc0 = _mm256_add_epi32(acc0, pair_dot_avx2(x, idx, vals, b));
+    acc1 = _mm256_add_epi32(acc1, pair_dot_avx2(x, idx, vals, b + 2));
+  }
+  for (; b + 2 <= end; b += 2) {
+    acc0 = _mm256_add_epi32(acc0, pair_dot_avx2(x, idx, vals, b));
+  }
+  const __m256i sum = _mm256_add_epi32(acc0, acc1);
+  __m128i tokens = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+  alignas(16) int32_t lanes[4];
+  _mm_store_si128(reinterpret_cast<__m128i*>(lanes), tokens);
+  for (int64_t t = 0; t < a.m; ++t) {
+    uint32_t total = static_cast<uint32_t>(lanes[t]);
+    if (b < end) {
+      const uint8_t* xg = reinterpret_cast<const uint8_t*>(x + idx[b] * 4 + t);
+      const int8_t* wg = reinterpret_cast<const int8_t*>(vals + b);
+      for (int j = 0; j < 4; ++j) {
+        total += static_cast<uint32_t>(static_cast<int32_t>(xg[j]) * static_cast<int32_t>(wg[j]));
+      }
+    }
+    a.out[t * a.n + n] = dequantize(a, static_cast<int32_t>(total), t, n);
   }
 }
 
@@ -329,11 +434,19 @@ at::Tensor sparse_int8_linear_cpu(const at::Tensor& x_in, const at::Tensor& row_
       width = 32;
     }
   } else if (isa == Isa::kAvx2) {
-    kernel = m <= 8 ? row_avx2<1> : row_avx2<2>;
-    width = m <= 8 ? 8 : 16;
+    if (m == 1) {
+      kernel = single_row_avx2;
+    } else if (m <= 4) {
+      kernel = pair_row_avx2;
+      width = 4;
+    } else {
+      kernel = m <= 8 ? row_avx2<1> : row_avx2<2>;
+      width = m <= 8 ? 8 : 16;
+    }
   }
-  // The AVX-512 kernel for one token checks the group indices as it reads them.
-  const bool kernel_checks_indices = kernel == single_row_avx512;
+  // The kernels for one token, and the AVX2 kernel for 2 to 4, check the group indices themselves.
+  const bool kernel_checks_indices =
+      kernel == single_row_avx512 || kernel == single_row_avx2 || kernel == pair_row_avx2;
   check_block_rows(row_ptr, group_idx, n, groups, op, !kernel_checks_indices);
   const float* bias_ptr = bias_data(bias, n, op);
 
