@@ -84,6 +84,7 @@ __attribute__((target("avx2,fma"))) void row_avx2(const SparseInt8Args& a, int64
   const __m256i low_bytes = _mm256_set1_epi32(0x00FF00FF);
   const int32_t* x = a.xw + chunk * a.groups * kWidth;
   __m256i acc[V];
+  #pragma GCC unroll 16
   for (int v = 0; v < V; ++v) {
     acc[v] = _mm256_setzero_si256();
   }
@@ -92,6 +93,7 @@ __attribute__((target("avx2,fma"))) void row_avx2(const SparseInt8Args& a, int64
     const __m256i w_even = _mm256_srai_epi16(_mm256_slli_epi16(w, 8), 8);
     const __m256i w_odd = _mm256_srai_epi16(w, 8);
     const int32_t* x_row = x + static_cast<int64_t>(a.group_idx[b]) * kWidth;
+    #pragma GCC unroll 16
     for (int v = 0; v < V; ++v) {
       const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x_row + 8 * v));
       const __m256i x_even = _mm256_and_si256(xv, low_bytes);
@@ -102,6 +104,7 @@ __attribute__((target("avx2,fma"))) void row_avx2(const SparseInt8Args& a, int64
   }
   const int64_t m0 = chunk * kWidth;
   alignas(32) int32_t lanes[8];
+  #pragma GCC unroll 16
   for (int v = 0; v < V; ++v) {
     _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), acc[v]);
     const int64_t count = std::min<int64_t>(8, a.m - m0 - 8 * v);
@@ -234,6 +237,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void row_avx512(
   const int32_t* x = a.xw + chunk * a.groups * kWidth;
   __m512i acc0[V];
   __m512i acc1[V];
+  #pragma GCC unroll 16
   for (int v = 0; v < V; ++v) {
     acc0[v] = _mm512_setzero_si512();
     acc1[v] = _mm512_setzero_si512();
@@ -244,6 +248,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void row_avx512(
     const __m512i w1 = _mm512_set1_epi32(a.values[b + 1]);
     const int32_t* x0 = x + static_cast<int64_t>(a.group_idx[b]) * kWidth;
     const int32_t* x1 = x + static_cast<int64_t>(a.group_idx[b + 1]) * kWidth;
+    #pragma GCC unroll 16
     for (int v = 0; v < V; ++v) {
       acc0[v] = _mm512_dpbusd_epi32(acc0[v], _mm512_loadu_si512(x0 + 16 * v), w0);
       acc1[v] = _mm512_dpbusd_epi32(acc1[v], _mm512_loadu_si512(x1 + 16 * v), w1);
@@ -252,6 +257,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void row_avx512(
   if (b < end) {
     const __m512i w0 = _mm512_set1_epi32(a.values[b]);
     const int32_t* x0 = x + static_cast<int64_t>(a.group_idx[b]) * kWidth;
+    #pragma GCC unroll 16
     for (int v = 0; v < V; ++v) {
       acc0[v] = _mm512_dpbusd_epi32(acc0[v], _mm512_loadu_si512(x0 + 16 * v), w0);
     }
@@ -261,6 +267,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void row_avx512(
   const __m512 w_scale = _mm512_set1_ps(a.w_scale[n]);
   const __m512i w_sum = _mm512_set1_epi32(a.w_sums[n]);
   const __m512 bias = _mm512_set1_ps(a.bias == nullptr ? 0.0f : a.bias[n]);
+  #pragma GCC unroll 16
   for (int v = 0; v < V; ++v) {
     const int64_t m = chunk * kWidth + 16 * v;
     const __mmask16 mask = tail_mask(a.m - m);
