@@ -11,8 +11,9 @@
 // one block entry multiplies a vector of 16 or 32 tokens (AVX-512) or 8 or 16 (AVX2), and one
 // chunk (K_pad * width floats) stays in cache while every block row passes over it. With a
 // single token the kernels read inputs by index instead (width 1). For unstructured weights at
-// 2 to 8 tokens the AVX-512 kernel uses one chunk of 8 tokens and puts two nonzeros in a vector;
-// AVX2 does the same with chunks of 4 tokens at 2 to 4, and uses one nonzero per vector at 5 to 8.
+// 2 to 8 tokens the AVX-512 kernel uses one chunk of 8 tokens and puts two nonzeros in a vector.
+// AVX2 does the same with chunks of 4 tokens at 2 to 4 tokens. At 5 to 8 it uses one nonzero per
+// vector.
 // Each output is summed by one thread in a fixed order, whatever the thread count.
 #include <immintrin.h>
 
@@ -75,8 +76,8 @@ void block_row_scalar(const SparseArgs& a, int64_t br, int64_t token) {
 
 // ---------------------------------------------------------------------------------------------
 // AVX2: chunks of 8 * V tokens. S sets of accumulators take the blocks in turn, as in the
-// AVX-512 kernel below. Without the unroll pragmas GCC 12 kept the accumulators on the stack, and
-// the store-to-load latency made the kernel 1.4x slower at (4096, 4096), M = 128 on Zen 2.
+// AVX-512 kernel below. Without the unroll pragmas GCC 12 kept the accumulators on the stack.
+// The store-to-load latency then made the kernel 1.4x slower at (4096, 4096), M = 128 on Zen 2.
 
 template <int R, int C, int V, int S>
 __attribute__((target("avx2,fma"))) void block_row_avx2(const SparseArgs& a, int64_t br, int64_t chunk) {
@@ -164,9 +165,9 @@ __attribute__((target("avx2,fma"))) inline __m128 four_inputs(const float* x, co
   return _mm_set_ps(x[w >> 48], x[(w >> 32) & 0xFFFF], x[(w >> 16) & 0xFFFF], x[w & 0xFFFF]);
 }
 
-// Unstructured weights at M = 1 on AVX2. The row's indices are checked first; then each vector of
-// 8 inputs is built from scalar loads, which on Zen 2 is faster than vgatherdps (0.6 against
-// 0.9 ns per nonzero at (4096, 4096)).
+// Unstructured weights at M = 1 on AVX2. The row's indices are checked first. Then each vector of
+// 8 inputs is built from scalar loads: on Zen 2 this took 0.6 ns per nonzero at (4096, 4096),
+// and vgatherdps 0.9 ns.
 __attribute__((target("avx2,fma"))) void single_row_avx2(const SparseArgs& a, int64_t n, int64_t) {
   const int32_t begin = a.row_ptr[n];
   const int64_t count = a.row_ptr[n + 1] - begin;
@@ -176,6 +177,7 @@ __attribute__((target("avx2,fma"))) void single_row_avx2(const SparseArgs& a, in
     a.index_out_of_range->store(true, std::memory_order_relaxed);
     return;
   }
+
   const float* x = a.xt;
   __m256 acc0 = _mm256_setzero_ps();
   __m256 acc1 = _mm256_setzero_ps();
@@ -190,6 +192,7 @@ __attribute__((target("avx2,fma"))) void single_row_avx2(const SparseArgs& a, in
     const __m256 x0 = _mm256_set_m128(four_inputs(x, idx + i + 4), four_inputs(x, idx + i));
     acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(vals + i), x0, acc0);
   }
+
   const __m256 sum8 = _mm256_add_ps(acc0, acc1);
   __m128 sum4 = _mm_add_ps(_mm256_castps256_ps128(sum8), _mm256_extractf128_ps(sum8, 1));
   if (i + 4 <= count) {
@@ -217,7 +220,7 @@ __attribute__((target("avx2,fma"))) inline __m256 pair_inputs(const float* x, co
   return _mm256_loadu2_m128(x + idx[b + 1] * 4, x + idx[b] * 4);
 }
 
-// Unstructured weights at 2 to 4 tokens on AVX2, in one chunk of 4 tokens: one vector holds the
+// Unstructured weights at 2 to 4 tokens on AVX2, in one chunk of 4 tokens: one vector carries the
 // 4 token lanes of two nonzeros, so that 4 tokens fill a vector as 8 do.
 __attribute__((target("avx2,fma"))) void pair_row_avx2(const SparseArgs& a, int64_t n, int64_t) {
   const int32_t begin = a.row_ptr[n];
@@ -229,6 +232,7 @@ __attribute__((target("avx2,fma"))) void pair_row_avx2(const SparseArgs& a, int6
     a.index_out_of_range->store(true, std::memory_order_relaxed);
     return;
   }
+
   __m256 acc0 = _mm256_setzero_ps();
   __m256 acc1 = _mm256_setzero_ps();
   __m256 acc2 = _mm256_setzero_ps();
@@ -240,6 +244,7 @@ __attribute__((target("avx2,fma"))) void pair_row_avx2(const SparseArgs& a, int6
     acc2 = _mm256_fmadd_ps(pair_values(vals + b + 4, 0), pair_inputs(x, idx, b + 4), acc2);
     acc3 = _mm256_fmadd_ps(pair_values(vals + b + 4, 1), pair_inputs(x, idx, b + 6), acc3);
   }
+
   const __m256 sum8 = _mm256_add_ps(_mm256_add_ps(acc0, acc1), _mm256_add_ps(acc2, acc3));
   __m128 tokens = _mm_add_ps(_mm256_castps256_ps128(sum8), _mm256_extractf128_ps(sum8, 1));
   for (; b < end; ++b) {
@@ -286,7 +291,7 @@ __attribute__((target("avx2,fma"))) void octet_row_avx2(const SparseArgs& a, int
   }
 }
 
-// 1x4 blocks at M = 1 on AVX2: one vector holds the 4 inputs of two blocks, loaded directly.
+// 1x4 blocks at M = 1 on AVX2: one vector carries the 4 inputs of two blocks, loaded directly.
 __attribute__((target("avx2,fma"))) void single_row_quads_avx2(const SparseArgs& a, int64_t n, int64_t) {
   const int32_t begin = a.row_ptr[n];
   const int32_t end = a.row_ptr[n + 1];
@@ -626,8 +631,10 @@ KernelChoice avx2_kernel(int64_t m) {
       return {octet_row_avx2, 8, true};
     }
   }
+  // Accumulator sets for one vector of 8 tokens: enough for 8 or more independent FMA chains.
+  constexpr int kSets = R == 1 ? 8 : (R == 4 ? 2 : 1);
   if (m <= 8 || R >= 8) {
-    return {block_row_avx2<R, C, 1, (R == 1 ? 8 : R == 4 ? 2 : 1)>, 8, false, true};
+    return {block_row_avx2<R, C, 1, kSets>, 8, false, true};
   }
   return {block_row_avx2<R, C, 2, (R == 1 ? 4 : 1)>, 16, false, true};
 }
@@ -688,9 +695,9 @@ void pack_activations(const float* x, int64_t m, int64_t k, int64_t k_pad, int64
   });
 }
 
-// Copy out_t (chunks, N, width) into out (M, N). Kernels that store one output row's token lanes
-// as a vector use out_t: storing them straight into out would write M floats N * 4 bytes apart,
-// and with N a multiple of 1024 those addresses share one L1 set (4K aliasing).
+// Copy out_t (chunks, N, width) into out (M, N). The AVX2 block kernels store each output row's
+// token lanes as one vector into out_t. Stored straight into out, those lanes would lie N * 4 bytes
+// apart. With N a multiple of 1024 they would all map to one L1 set (4K aliasing).
 void untranspose_output(const float* out_t, int64_t m, int64_t n, int64_t width, float* out) {
   constexpr int64_t kRows = 64;
   const int64_t chunks = (m + width - 1) / width;

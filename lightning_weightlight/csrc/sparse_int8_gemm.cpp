@@ -11,8 +11,8 @@
 // With several tokens the uint8 activations are repacked into chunks of `width` tokens,
 // (chunks, K_pad / 4, width) words of 4 inputs, and one group multiplies a vector of 16 or
 // more tokens (AVX-512) or 8 or 16 (AVX2). With a single token the AVX-512 kernel gathers 16
-// groups' inputs at a time and the AVX2 kernel loads 8 by index; with 2 to 8 tokens AVX-512 puts
-// two groups of 8 tokens in one vector, and AVX2 two groups of 4 tokens at 2 to 4.
+// groups' inputs at a time, and the AVX2 kernel loads 8 by index. With 2 to 8 tokens AVX-512 puts
+// two groups of 8 tokens in one vector. AVX2 puts two groups of 4 tokens in one at 2 to 4 tokens.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -61,15 +61,21 @@ inline float dequantize(const SparseInt8Args& a, int32_t acc, int64_t m, int64_t
 // ---------------------------------------------------------------------------------------------
 // Scalar
 
+// The sum of the 4 products of a group's activation bytes and its weight word, modulo 2^32.
+inline uint32_t group_dot(const uint8_t* xg, const int32_t* weight_word) {
+  const int8_t* wg = reinterpret_cast<const int8_t*>(weight_word);
+  uint32_t sum = 0;
+  for (int j = 0; j < 4; ++j) {
+    sum += static_cast<uint32_t>(static_cast<int32_t>(xg[j]) * static_cast<int32_t>(wg[j]));
+  }
+  return sum;
+}
+
 void row_scalar(const SparseInt8Args& a, int64_t n, int64_t m) {
   uint32_t sum = 0;
   const uint8_t* q_row = a.q + m * a.k_pad;
   for (int32_t b = a.row_ptr[n]; b < a.row_ptr[n + 1]; ++b) {
-    const uint8_t* xg = q_row + static_cast<int64_t>(a.group_idx[b]) * 4;
-    const int8_t* wg = reinterpret_cast<const int8_t*>(a.values + b);
-    for (int j = 0; j < 4; ++j) {
-      sum += static_cast<uint32_t>(static_cast<int32_t>(xg[j]) * static_cast<int32_t>(wg[j]));
-    }
+    sum += group_dot(q_row + static_cast<int64_t>(a.group_idx[b]) * 4, a.values + b);
   }
   a.out[m * a.n + n] = dequantize(a, static_cast<int32_t>(sum), m, n);
 }
@@ -124,6 +130,10 @@ __attribute__((target("avx2"))) inline __m256i dot_words_avx2(__m256i x, __m256i
   return _mm256_add_epi32(_mm256_madd_epi16(x_even, w_even), _mm256_madd_epi16(x_odd, w_odd));
 }
 
+__attribute__((target("avx2"))) inline __m256i eight_words(const int32_t* p) {
+  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+}
+
 // The activation words of four groups whose 16-bit indices start at idx.
 __attribute__((target("avx2"))) inline __m128i four_words(const int32_t* x, const uint16_t* idx) {
   uint64_t w;
@@ -143,30 +153,27 @@ __attribute__((target("avx2"))) void single_row_avx2(const SparseInt8Args& a, in
     a.index_out_of_range->store(true, std::memory_order_relaxed);
     return;
   }
+
   __m256i acc0 = _mm256_setzero_si256();
   __m256i acc1 = _mm256_setzero_si256();
   int64_t i = 0;
   for (; i + 16 <= count; i += 16) {
     const __m256i x0 = _mm256_set_m128i(four_words(x, idx + i + 4), four_words(x, idx + i));
     const __m256i x1 = _mm256_set_m128i(four_words(x, idx + i + 12), four_words(x, idx + i + 8));
-    acc0 = _mm256_add_epi32(acc0, dot_words_avx2(x0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(vals + i))));
-    acc1 = _mm256_add_epi32(acc1,
-                            dot_words_avx2(x1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(vals + i + 8))));
+    acc0 = _mm256_add_epi32(acc0, dot_words_avx2(x0, eight_words(vals + i)));
+    acc1 = _mm256_add_epi32(acc1, dot_words_avx2(x1, eight_words(vals + i + 8)));
   }
   for (; i + 8 <= count; i += 8) {
     const __m256i x0 = _mm256_set_m128i(four_words(x, idx + i + 4), four_words(x, idx + i));
-    acc0 = _mm256_add_epi32(acc0, dot_words_avx2(x0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(vals + i))));
+    acc0 = _mm256_add_epi32(acc0, dot_words_avx2(x0, eight_words(vals + i)));
   }
+
   const __m256i sum8 = _mm256_add_epi32(acc0, acc1);
   __m128i sum4 = _mm_add_epi32(_mm256_castsi256_si128(sum8), _mm256_extracti128_si256(sum8, 1));
   sum4 = _mm_add_epi32(sum4, _mm_unpackhi_epi64(sum4, sum4));
   uint32_t sum = static_cast<uint32_t>(_mm_cvtsi128_si32(sum4)) + static_cast<uint32_t>(_mm_extract_epi32(sum4, 1));
   for (; i < count; ++i) {
-    const uint8_t* xg = a.q + static_cast<int64_t>(idx[i]) * 4;
-    const int8_t* wg = reinterpret_cast<const int8_t*>(vals + i);
-    for (int j = 0; j < 4; ++j) {
-      sum += static_cast<uint32_t>(static_cast<int32_t>(xg[j]) * static_cast<int32_t>(wg[j]));
-    }
+    sum += group_dot(a.q + static_cast<int64_t>(idx[i]) * 4, vals + i);
   }
   a.out[n] = dequantize(a, static_cast<int32_t>(sum), 0, n);
 }
@@ -181,7 +188,7 @@ __attribute__((target("avx2"))) inline __m256i pair_dot_avx2(const int32_t* x, c
   return dot_words_avx2(xv, _mm256_permutevar8x32_epi32(_mm256_castsi128_si256(two), halves));
 }
 
-// 2 to 4 tokens on AVX2, in one chunk of 4: one vector holds the 4 token words of two groups.
+// 2 to 4 tokens on AVX2, in one chunk of 4: one vector carries the 4 token words of two groups.
 __attribute__((target("avx2"))) void pair_row_avx2(const SparseInt8Args& a, int64_t n, int64_t) {
   const int32_t begin = a.row_ptr[n];
   const int32_t end = a.row_ptr[n + 1];
@@ -192,6 +199,7 @@ __attribute__((target("avx2"))) void pair_row_avx2(const SparseInt8Args& a, int6
     a.index_out_of_range->store(true, std::memory_order_relaxed);
     return;
   }
+
   __m256i acc0 = _mm256_setzero_si256();
   __m256i acc1 = _mm256_setzero_si256();
   int32_t b = begin;
@@ -202,6 +210,7 @@ __attribute__((target("avx2"))) void pair_row_avx2(const SparseInt8Args& a, int6
   for (; b + 2 <= end; b += 2) {
     acc0 = _mm256_add_epi32(acc0, pair_dot_avx2(x, idx, vals, b));
   }
+
   const __m256i sum = _mm256_add_epi32(acc0, acc1);
   __m128i tokens = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
   alignas(16) int32_t lanes[4];
@@ -209,11 +218,7 @@ __attribute__((target("avx2"))) void pair_row_avx2(const SparseInt8Args& a, int6
   for (int64_t t = 0; t < a.m; ++t) {
     uint32_t total = static_cast<uint32_t>(lanes[t]);
     if (b < end) {
-      const uint8_t* xg = reinterpret_cast<const uint8_t*>(x + idx[b] * 4 + t);
-      const int8_t* wg = reinterpret_cast<const int8_t*>(vals + b);
-      for (int j = 0; j < 4; ++j) {
-        total += static_cast<uint32_t>(static_cast<int32_t>(xg[j]) * static_cast<int32_t>(wg[j]));
-      }
+      total += group_dot(reinterpret_cast<const uint8_t*>(x + idx[b] * 4 + t), vals + b);
     }
     a.out[t * a.n + n] = dequantize(a, static_cast<int32_t>(total), t, n);
   }
