@@ -109,10 +109,10 @@ def test_sparse_linear_layouts():
 
 
 @pytest.mark.parametrize("block", ["unstructured", "4x1"])
-def test_sparse_linear_thread_count_independent(block):
+def test_sparse_linear_thread_count_independent(isa, block):
     weight = pruned_weight(300, 200, 0.8, block, seed=4)
     sparse = packing.pack_sparse_weight(weight, packing.BLOCK_SHAPES[block])
-    for m in (1, 8, 77):
+    for m in (1, 3, 8, 77):
         x = torch.randn(m, 200, generator=torch.Generator().manual_seed(m))
         threads = torch.get_num_threads()
         try:
@@ -219,9 +219,10 @@ def test_sparse_int8_linear_integer_accumulators_exact(isa, m):
     assert torch.equal(out, expected.float())
 
 
-def test_sparse_int8_linear_thread_count_independent():
+@pytest.mark.parametrize("m", [1, 3, 70])
+def test_sparse_int8_linear_thread_count_independent(isa, m):
     _, w_scale, sparse, sums = sparse_int8_layer(150, 130, 0.9, "1x4", seed=8)
-    x = torch.randn(70, 130, generator=torch.Generator().manual_seed(9))
+    x = torch.randn(m, 130, generator=torch.Generator().manual_seed(9))
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
