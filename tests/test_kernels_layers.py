@@ -226,6 +226,28 @@ def test_deploy_conv2d_round_trip_and_to_float(build):
     assert torch.equal(restored.weight == 0, module.dense_weight().reshape(conv.weight.shape) == 0)
 
 
+@pytest.mark.parametrize("in_features", [39, 41, 44])
+@pytest.mark.parametrize("rows", [1, 3, 6, 12])
+def test_deploy_linear_rejects_wrong_input_width(in_features, rows):
+    # The kernels pad K to whole groups of 4 (or blocks), so 37 to 40 inputs would all fit a
+    # 40-input weight. The module must reject every width but its own.
+    for module in build_all(pruned_linear(in_features=40)):
+        with pytest.raises(
+            ValueError, match=r"in_features = 40, but got shape \((\d+, )?" + str(in_features)
+        ):
+            module(torch.randn(rows, in_features))
+
+
+@pytest.mark.parametrize(
+    "build", [Int8Conv2d.from_float, SparseConv2d.from_dense, SparseInt8Conv2d.from_float]
+)
+@pytest.mark.parametrize("channels", [2, 4])
+def test_deploy_conv2d_rejects_wrong_channels(build, channels):
+    module = build(pruned_conv())
+    with pytest.raises(ValueError, match=r"in_channels = 3, but got shape \(1, " + str(channels)):
+        module(torch.randn(1, channels, 8, 8))
+
+
 def test_conv2d_rejects_unsupported():
     with pytest.raises(ValueError, match="groups=1"):
         Int8Conv2d.from_float(nn.Conv2d(4, 4, 3, groups=2))

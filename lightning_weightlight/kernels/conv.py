@@ -113,9 +113,10 @@ class _Conv2dAdapter:
         return conv
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 4:
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(
-                f"{type(self).__name__}: expected a 4-D input (N, C, H, W), but got shape {tuple(x.shape)}"
+                f"{type(self).__name__}: expected a 4-D input (N, C, H, W) with C = in_channels = "
+                f"{self.in_channels}, but got shape {tuple(x.shape)}"
             )
         batch, _, height, width = x.shape
         out_h = (

@@ -91,6 +91,12 @@ class _DeployLinear(nn.Module):
         """Rebuild the non-persistent packed buffers and the descriptive attributes."""
         raise NotImplementedError
 
+    def _wrong_input(self, x: torch.Tensor) -> ValueError:
+        return ValueError(
+            f"{type(self).__name__}: expected an input whose last dimension is in_features = "
+            f"{self.in_features}, but got shape {tuple(x.shape)}"
+        )
+
     def dense_weight(self) -> torch.Tensor:
         """Return the float32 weight ``(out_features, in_features)`` that this module computes with."""
         raise NotImplementedError
@@ -210,6 +216,8 @@ class Int8Linear(_QuantizedInput, _DeployLinear):
         return {**super().extra_config(), "static_input": self.static_input}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() > 0 and x.shape[-1] != self.in_features:
+            raise self._wrong_input(x)
         # Reading the buffers from the dict skips nn.Module.__getattr__, a large share of a small call.
         b = self._buffers
         return ops.int8_linear(
@@ -294,6 +302,8 @@ class SparseLinear(_DeployLinear):
         return {**super().extra_config(), "block": self.block, "num_blocks": self.col_idx.numel()}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() > 0 and x.shape[-1] != self.in_features:
+            raise self._wrong_input(x)
         b = self._buffers
         return ops.sparse_linear(x, b["row_ptr"], b["col_idx"], b["values"], b["bias"], self.out_features)
 
@@ -386,6 +396,8 @@ class SparseInt8Linear(_QuantizedInput, _DeployLinear):
         }
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() > 0 and x.shape[-1] != self.in_features:
+            raise self._wrong_input(x)
         b = self._buffers
         return ops.sparse_int8_linear(
             x,
