@@ -119,6 +119,26 @@ def test_int8_linear_all_zero_weight(isa):
     assert torch.equal(out, bias.expand(6, 19))
 
 
+@pytest.mark.parametrize("rows", [1, 3, 6, 12, 40])
+def test_dynamic_int8_modules_propagate_nan(isa, rows):
+    # As nn.Linear does, a row that contains NaN gives NaN outputs; the other rows are unchanged.
+    from torch import nn
+
+    from lightning_weightlight.kernels import Int8Linear, SparseInt8Linear
+
+    torch.manual_seed(rows)
+    linear = nn.Linear(70, 24)
+    x = torch.randn(rows, 70)
+    bad = x.clone()
+    bad[0, 5] = float("nan")
+    bad[-1, 69] = float("nan")
+    for module in (Int8Linear.from_float(linear), SparseInt8Linear.from_float(linear)):
+        clean, got = module(x), module(bad)
+        assert bool(got[0].isnan().all())
+        assert bool(got[-1].isnan().all())
+        assert torch.equal(got[1:-1], clean[1:-1])
+
+
 def test_int8_linear_leading_dims_and_layouts():
     q_w, w_scale, bias = make_layer(24, 40, seed=3)
     packed = packing.pack_int8_weight(q_w)

@@ -248,6 +248,70 @@ def test_deploy_conv2d_rejects_wrong_channels(build, channels):
         module(torch.randn(1, channels, 8, 8))
 
 
+@pytest.mark.parametrize("shape", [(8, 0), (0, 8), (0, 0)])
+def test_deploy_linear_empty_layers(shape):
+    in_features, out_features = shape
+    linear = nn.Linear(in_features, out_features)
+    x = torch.randn(3, in_features)
+    for module in build_all(linear):
+        assert module(x).shape == (3, out_features)
+        # With no inputs every output is the bias.
+        if in_features == 0:
+            assert torch.allclose(module(x), linear.bias.expand(3, -1))
+        assert module.to_float().weight.shape == (out_features, in_features)
+
+
+@pytest.mark.parametrize("module_index", range(5))
+def test_deploy_linear_backward_raises(module_index):
+    linear = pruned_linear()
+    module = build_all(linear)[module_index]
+    x = torch.randn(2, 40, requires_grad=True)
+    y = module(x)  # forward in grad mode works, with the same values as under no_grad
+    with torch.no_grad():
+        assert torch.equal(y, module(x))
+    with pytest.raises(RuntimeError, match="has no backward: the deploy modules are inference-only"):
+        y.sum().backward()
+    assert x.grad is None
+    # An input that needs no gradient builds no graph.
+    assert not module(torch.randn(2, 40)).requires_grad
+
+
+@pytest.mark.parametrize("module_index", [2, 3, 4])
+def test_deploy_linear_rejects_corrupted_state_dict(module_index):
+    module = build_all(pruned_linear(in_features=40))[module_index]
+    index = "col_idx" if isinstance(module, SparseLinear) else "group_idx"
+    limit = 40 if isinstance(module, SparseLinear) else 10
+    state = {key: value.clone() for key, value in module.state_dict().items()}
+    owner = type(module).__name__
+    rebuilt = type(module).from_config(module.extra_config())
+
+    bad = dict(state, **{index: state[index].clone()})
+    bad[index][-1] = limit
+    with pytest.raises(
+        ValueError,
+        match=f"{owner}: expected every index in {index} to be below {limit}, but {index} contains {limit}",
+    ):
+        rebuilt.load_state_dict(bad)
+    bad = dict(state, row_ptr=state["row_ptr"].clone())
+    bad["row_ptr"][1] = bad["row_ptr"][2] + 1
+    with pytest.raises(ValueError, match=f"{owner}: expected a non-decreasing row_ptr, but row_ptr\\[1\\]"):
+        rebuilt.load_state_dict(bad)
+    bad = dict(state, row_ptr=state["row_ptr"].clone())
+    bad["row_ptr"][-1] -= 1
+    with pytest.raises(ValueError, match=f"{owner}: expected row_ptr to run from 0 to the number of blocks"):
+        rebuilt.load_state_dict(bad)
+
+    # A good state dict still loads into the same module, and the result is unchanged.
+    rebuilt.load_state_dict(state)
+    x = torch.randn(3, 40)
+    assert torch.equal(rebuilt(x), module(x))
+
+    # A module whose buffers were changed in place reports the index in to_float() too.
+    module._buffers[index][0] = limit + 5
+    with pytest.raises(ValueError, match=f"{index} to be below {limit}, but {index} contains {limit + 5}"):
+        module.to_float()
+
+
 def test_conv2d_rejects_unsupported():
     with pytest.raises(ValueError, match="groups=1"):
         Int8Conv2d.from_float(nn.Conv2d(4, 4, 3, groups=2))

@@ -54,6 +54,23 @@ def test_quantize_per_row_edge_rows(isa, row):
         assert torch.equal(got, expected)
 
 
+@pytest.mark.parametrize("k", [3, 8, 37, 64, 100])
+def test_quantize_per_row_nan_rows(isa, k):
+    # min and max instructions drop NaN: the kernels must still mark the row as the reference does
+    # (scale NaN, zero point INT32_MIN, q = 0), wherever the NaN sits, so that its outputs are NaN.
+    x = torch.randn(5, k, generator=torch.Generator().manual_seed(k))
+    x[0, 0] = float("nan")
+    x[2, k - 1] = float("nan")
+    x[3, k // 2] = float("inf")
+    got = ops.quantize_per_row(x)
+    expected = reference.quantize_per_row(x)
+    assert torch.equal(got[0], expected[0])
+    torch.testing.assert_close(got[1], expected[1], rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(got[2], expected[2])
+    assert got[1].isnan().tolist() == [True, False, True, False, False]
+    assert got[2][[0, 2]].tolist() == [-(2**31)] * 2
+
+
 def test_quantize_per_row_values_by_hand():
     q, scale, zero_point = reference.quantize_per_row(torch.tensor([[-1.0, 0.0, 3.0]]))
     assert scale.item() == pytest.approx(4.0 / 255.0)

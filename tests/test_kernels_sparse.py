@@ -131,7 +131,9 @@ def test_sparse_linear_rejects_bad_format():
     x = torch.randn(2, 12)
     bad_idx = col_idx.clone()
     bad_idx[0] = 12
-    with pytest.raises(RuntimeError, match="column indices below 12"):
+    with pytest.raises(
+        RuntimeError, match="expected every index in col_idx to be below 12, but col_idx contains 12"
+    ):
         ops.sparse_linear(x, row_ptr, bad_idx, values, None, 8)
     with pytest.raises(RuntimeError, match="row_ptr"):
         ops.sparse_linear(x, row_ptr[:-1], col_idx, values, None, 8)
@@ -141,7 +143,7 @@ def test_sparse_linear_rejects_bad_format():
         )
 
 
-@pytest.mark.parametrize("rows", [1, 3, 6, 12])
+@pytest.mark.parametrize("rows", [0, 1, 3, 6, 12])
 @pytest.mark.parametrize("bad_index", [12, 65535])
 def test_sparse_linear_rejects_index_out_of_range(isa, rows, bad_index):
     # The AVX-512 and AVX2 kernels for 1 to 8 rows check the indices of each row themselves;
@@ -150,17 +152,21 @@ def test_sparse_linear_rejects_index_out_of_range(isa, rows, bad_index):
     row_ptr, col_idx, values = packing.pack_sparse_weight(weight)
     bad_idx = col_idx.clone()
     bad_idx[-1] = bad_index - 65536 if bad_index > 32767 else bad_index
-    with pytest.raises(RuntimeError, match="column indices below 12"):
+    # Every path names the buffer and the largest index, also when it equals the limit.
+    message = f"expected every index in col_idx to be below 12, but col_idx contains {bad_index}"
+    with pytest.raises(RuntimeError, match=message):
         ops.sparse_linear(torch.randn(rows, 12), row_ptr, bad_idx, values, None, 8)
 
 
-@pytest.mark.parametrize("rows", [1, 3, 6, 12])
-def test_sparse_int8_linear_rejects_index_out_of_range(isa, rows):
+@pytest.mark.parametrize("rows", [0, 1, 3, 6, 12])
+@pytest.mark.parametrize("bad_index", [3, 65535])
+def test_sparse_int8_linear_rejects_index_out_of_range(isa, rows, bad_index):
     _, w_scale, sparse, sums = sparse_int8_layer(8, 12, 0.5, "unstructured", seed=5)
     row_ptr, group_idx, values = sparse
     bad_idx = group_idx.clone()
-    bad_idx[-1] = -1  # read as the unsigned 65535
-    with pytest.raises(RuntimeError, match="indices below 3"):
+    bad_idx[-1] = bad_index - 65536 if bad_index > 32767 else bad_index  # int16 stores 65535 as -1
+    message = f"expected every index in group_idx to be below 3, but group_idx contains {bad_index}"
+    with pytest.raises(RuntimeError, match=message):
         ops.sparse_int8_linear(torch.randn(rows, 12), row_ptr, bad_idx, values, sums, w_scale)
 
 

@@ -5,7 +5,8 @@
 //   scale = (hi - lo) / 255, or 1 when hi == lo
 //   zero_point = clamp(round(-lo / scale), 0, 255)
 //   q = clamp(round(x / scale) + zero_point, 0, 255)
-// in float32, with round half to even and a true division (no reciprocal).
+// in float32, with round half to even and a true division (no reciprocal). A row that contains NaN
+// gets scale NaN, zero point INT32_MIN and q = 0, so its outputs are NaN, as in the reference.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -42,12 +43,24 @@ RowParams params_from_range(float lo, float hi) {
   return {scale, zero_point};
 }
 
+// The parameters of a row that contains NaN; its q is all zeros.
+RowParams nan_row(int64_t k, uint8_t* q) {
+  std::fill(q, q + k, uint8_t{0});
+  return {std::numeric_limits<float>::quiet_NaN(), -2147483648.0f};
+}
+
 void quantize_row_scalar(const float* x, int64_t k, uint8_t* q, RowParams* out) {
   float lo = std::numeric_limits<float>::infinity();
   float hi = -std::numeric_limits<float>::infinity();
+  bool nan = false;
   for (int64_t i = 0; i < k; ++i) {
     lo = std::min(lo, x[i]);
     hi = std::max(hi, x[i]);
+    nan |= std::isnan(x[i]);
+  }
+  if (nan) {
+    *out = nan_row(k, q);
+    return;
   }
   RowParams p = params_from_range(lo, hi);
   for (int64_t i = 0; i < k; ++i) {
@@ -61,11 +74,13 @@ __attribute__((target("avx2,fma"))) void quantize_row_avx2(const float* x, int64
                                                             uint8_t* q, RowParams* out) {
   __m256 vlo = _mm256_set1_ps(std::numeric_limits<float>::infinity());
   __m256 vhi = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  __m256 vnan = _mm256_setzero_ps();  // min and max drop NaN, so it is tracked apart
   int64_t i = 0;
   for (; i + 8 <= k; i += 8) {
     __m256 v = _mm256_loadu_ps(x + i);
     vlo = _mm256_min_ps(vlo, v);
     vhi = _mm256_max_ps(vhi, v);
+    vnan = _mm256_or_ps(vnan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
   }
   alignas(32) float lo_lanes[8];
   alignas(32) float hi_lanes[8];
@@ -77,9 +92,15 @@ __attribute__((target("avx2,fma"))) void quantize_row_avx2(const float* x, int64
     lo = std::min(lo, lo_lanes[lane]);
     hi = std::max(hi, hi_lanes[lane]);
   }
+  bool nan = _mm256_movemask_ps(vnan) != 0;
   for (int64_t j = i; j < k; ++j) {
     lo = std::min(lo, x[j]);
     hi = std::max(hi, x[j]);
+    nan |= std::isnan(x[j]);
+  }
+  if (nan) {
+    *out = nan_row(k, q);
+    return;
   }
   RowParams p = params_from_range(lo, hi);
 
@@ -110,6 +131,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void quantize_row_avx512(
   __m512 vhi0 = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   __m512 vlo1 = vlo0;
   __m512 vhi1 = vhi0;
+  __mmask16 nan = 0;  // min and max drop NaN, so it is tracked apart
   int64_t i = 0;
   for (; i + 32 <= k; i += 32) {
     const __m512 v0 = _mm512_loadu_ps(x + i);
@@ -118,6 +140,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void quantize_row_avx512(
     vhi0 = _mm512_max_ps(vhi0, v0);
     vlo1 = _mm512_min_ps(vlo1, v1);
     vhi1 = _mm512_max_ps(vhi1, v1);
+    nan |= _mm512_cmp_ps_mask(v0, v0, _CMP_UNORD_Q) | _mm512_cmp_ps_mask(v1, v1, _CMP_UNORD_Q);
   }
   for (; i < k; i += 16) {
     const __mmask16 tail = k - i >= 16 ? static_cast<__mmask16>(0xFFFF)
@@ -125,6 +148,11 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void quantize_row_avx512(
     const __m512 v = _mm512_maskz_loadu_ps(tail, x + i);
     vlo0 = _mm512_mask_min_ps(vlo0, tail, vlo0, v);
     vhi0 = _mm512_mask_max_ps(vhi0, tail, vhi0, v);
+    nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  }
+  if (nan != 0) {
+    *out = nan_row(k, q);
+    return;
   }
   RowParams p = params_from_range(_mm512_reduce_min_ps(_mm512_min_ps(vlo0, vlo1)),
                                   _mm512_reduce_max_ps(_mm512_max_ps(vhi0, vhi1)));

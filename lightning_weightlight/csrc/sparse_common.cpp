@@ -26,16 +26,37 @@ __attribute__((target("avx2"))) uint16_t max_index_avx2(const uint16_t* idx, int
   return std::max(max_index_scalar(lanes, 16), max_index_scalar(idx + i, count - i));
 }
 
+uint16_t max_index(const at::Tensor& col_idx) {
+  const uint16_t* idx = reinterpret_cast<const uint16_t*>(col_idx.const_data_ptr<int16_t>());
+  const int64_t count = col_idx.size(0);
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") ? max_index_avx2(idx, count) : max_index_scalar(idx, count);
+}
+
+[[noreturn]] void index_error(uint16_t largest, int64_t block_cols_total, const char* op, const char* index_name) {
+  TORCH_CHECK(false, op, ": expected every index in ", index_name, " to be below ", block_cols_total, ", but ",
+              index_name, " contains ", largest);
+  __builtin_unreachable();
+}
+
 }  // namespace
 
+void raise_index_out_of_range(const at::Tensor& col_idx, int64_t block_cols_total, const char* op,
+                              const char* index_name) {
+  const uint16_t largest = max_index(col_idx);
+  TORCH_CHECK(largest >= block_cols_total, op, ": a kernel reported an index in ", index_name, " of ",
+              block_cols_total, " or more, but a scan found none");
+  index_error(largest, block_cols_total, op, index_name);
+}
+
 void check_block_rows(const at::Tensor& row_ptr, const at::Tensor& col_idx, int64_t block_rows,
-                      int64_t block_cols_total, const char* op, bool check_indices) {
+                      int64_t block_cols_total, const char* op, bool check_indices, const char* index_name) {
   TORCH_CHECK(row_ptr.scalar_type() == at::kInt && row_ptr.dim() == 1 && row_ptr.is_contiguous() &&
                   row_ptr.size(0) == block_rows + 1,
               op, ": expected row_ptr to be a contiguous int32 vector of ", block_rows + 1,
               " elements, but got ", row_ptr.scalar_type(), " of shape ", row_ptr.sizes());
   TORCH_CHECK(col_idx.scalar_type() == at::kShort && col_idx.dim() == 1 && col_idx.is_contiguous(), op,
-              ": expected col_idx to be a contiguous int16 vector, but got ", col_idx.scalar_type(),
+              ": expected ", index_name, " to be a contiguous int16 vector, but got ", col_idx.scalar_type(),
               " of shape ", col_idx.sizes());
   TORCH_CHECK(block_cols_total <= 65536, op, ": the sparse format stores 16-bit column indices, so it supports ",
               "at most 65536 block columns, but got ", block_cols_total);
@@ -51,13 +72,13 @@ void check_block_rows(const at::Tensor& row_ptr, const at::Tensor& col_idx, int6
     return;
   }
   // Every index is read by the kernels, so a bad one would read out of bounds: check them all.
-  const uint16_t* idx = reinterpret_cast<const uint16_t*>(col_idx.const_data_ptr<int16_t>());
-  __builtin_cpu_init();
-  const int64_t count = col_idx.size(0);
-  const uint16_t max_index =
-      __builtin_cpu_supports("avx2") ? max_index_avx2(idx, count) : max_index_scalar(idx, count);
-  TORCH_CHECK(count == 0 || max_index < block_cols_total, op, ": expected block column indices below ",
-              block_cols_total, ", but col_idx contains ", max_index);
+  if (col_idx.size(0) == 0) {
+    return;
+  }
+  const uint16_t largest = max_index(col_idx);
+  if (largest >= block_cols_total) {
+    index_error(largest, block_cols_total, op, index_name);
+  }
 }
 
 }  // namespace weightlight

@@ -13,9 +13,16 @@ namespace weightlight {
 // Check row_ptr (int32, block_rows + 1, non-decreasing from 0 to nblocks) and col_idx (int16
 // containing unsigned block column indices, each below block_cols_total). A kernel that masks its
 // reads by the index range and reports an index out of range itself passes check_indices = false,
-// which skips the scan of col_idx (a read of 2 bytes per block on every call).
+// which skips the scan of col_idx (a read of 2 bytes per block on every call). `index_name` names
+// the index tensor in the error messages.
 void check_block_rows(const at::Tensor& row_ptr, const at::Tensor& col_idx, int64_t block_rows,
-                      int64_t block_cols_total, const char* op, bool check_indices = true);
+                      int64_t block_cols_total, const char* op, bool check_indices = true,
+                      const char* index_name = "col_idx");
+
+// Raise the error of an index at or above block_cols_total, naming the largest index. For the
+// kernels that found one while reading; scans col_idx again, so only called on that error.
+[[noreturn]] void raise_index_out_of_range(const at::Tensor& col_idx, int64_t block_cols_total, const char* op,
+                                           const char* index_name = "col_idx");
 
 // Return whether every index of idx[0, count) is below limit, reading 16 indices per step.
 __attribute__((target("avx2"))) inline bool indices_below_avx2(const uint16_t* idx, int64_t count, int64_t limit) {

@@ -796,8 +796,9 @@ at::Tensor sparse_linear_cpu(const at::Tensor& x_in, const at::Tensor& row_ptr, 
       }
     }
   });
-  TORCH_CHECK(!index_out_of_range.load(), op, ": expected block column indices below ", block_cols,
-              ", but col_idx contains a larger one");
+  if (index_out_of_range.load()) {
+    raise_index_out_of_range(col_idx, block_cols, op);
+  }
   if (choice.stores_transposed) {
     untranspose_output(out_t.const_data_ptr<float>(), m, n, choice.width, out.mutable_data_ptr<float>());
   }

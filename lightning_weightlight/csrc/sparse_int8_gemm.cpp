@@ -459,7 +459,7 @@ at::Tensor sparse_int8_linear_cpu(const at::Tensor& x_in, const at::Tensor& row_
   // The kernels for one token, and the AVX2 kernel for 2 to 4, check the group indices themselves.
   const bool kernel_checks_indices =
       kernel == single_row_avx512 || kernel == single_row_avx2 || kernel == pair_row_avx2;
-  check_block_rows(row_ptr, group_idx, n, groups, op, !kernel_checks_indices);
+  check_block_rows(row_ptr, group_idx, n, groups, op, !(kernel_checks_indices && m > 0), "group_idx");
   const float* bias_ptr = bias_data(bias, n, op);
 
   const QuantizedActivations qa = quantize_activations(x, k_pad, x_scale, x_zero_point, isa, op);
@@ -507,8 +507,9 @@ at::Tensor sparse_int8_linear_cpu(const at::Tensor& x_in, const at::Tensor& row_
       }
     }
   });
-  TORCH_CHECK(!index_out_of_range.load(), op, ": expected group indices below ", groups,
-              ", but group_idx contains a larger one");
+  if (index_out_of_range.load()) {
+    raise_index_out_of_range(group_idx, groups, op, "group_idx");
+  }
   return out.view(output_shape(x_in, n));
 }
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import time
 
 import torch
@@ -25,7 +26,7 @@ _MARGIN = 0.8
 
 def _stored_density(weight: torch.Tensor, block: tuple[int, int]) -> float:
     """Return the fraction of the weight that a block-sparse format with this block shape stores."""
-    flat = weight.detach().reshape(weight.shape[0], -1)
+    flat = weight.detach().reshape(weight.shape[0], math.prod(weight.shape[1:]))
     if flat.numel() == 0:
         return 0.0
     sparse = packing.pack_sparse_weight(flat, block)
@@ -97,7 +98,7 @@ def choose_kernel(
     if not measure:
         return estimate_kernel(weight, batch_rows=batch_rows, quantized=quantized)
     _check_weight(weight, batch_rows)
-    flat = weight.detach().float().reshape(weight.shape[0], -1)
+    flat = weight.detach().float().reshape(weight.shape[0], math.prod(weight.shape[1:]))
     linear = nn.Linear(flat.shape[1], flat.shape[0])
     with torch.no_grad():
         linear.weight.copy_(flat)

@@ -8,6 +8,7 @@ and ``"same"`` when the padding is symmetric). ``groups > 1`` and other padding 
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -149,7 +150,7 @@ def _as_linear(conv: nn.Conv2d) -> nn.Linear:
     """Return an ``nn.Linear`` view of a convolution's weight and bias, sharing no storage."""
     linear = nn.Linear(conv.weight[0].numel(), conv.out_channels, bias=conv.bias is not None)
     with torch.no_grad():
-        linear.weight.copy_(conv.weight.detach().reshape(conv.out_channels, -1))
+        linear.weight.copy_(conv.weight.detach().reshape(conv.out_channels, math.prod(conv.weight.shape[1:])))
         if conv.bias is not None:
             linear.bias.copy_(conv.bias.detach())
     return linear

@@ -66,6 +66,7 @@ def _input_quantization(
 
 
 def _repack_after_load(module: _DeployLinear, incompatible_keys) -> None:
+    module._check_format()
     module._repack()
 
 
@@ -90,6 +91,9 @@ class _DeployLinear(nn.Module):
     def _repack(self) -> None:
         """Rebuild the non-persistent packed buffers and the descriptive attributes."""
         raise NotImplementedError
+
+    def _check_format(self) -> None:
+        """Raise ``ValueError`` when the stored tensors do not describe this module's weight."""
 
     def _wrong_input(self, x: torch.Tensor) -> ValueError:
         return ValueError(
@@ -294,7 +298,12 @@ class SparseLinear(_DeployLinear):
     def _repack(self) -> None:
         self._set_sparsity(int(self.values.count_nonzero()))
 
+    def _check_format(self) -> None:
+        sparse = packing.SparseWeight(self.row_ptr, self.col_idx, self.values)
+        packing.check_sparse_weight(sparse, self.out_features, self.in_features, owner=type(self).__name__)
+
     def dense_weight(self) -> torch.Tensor:
+        self._check_format()
         sparse = packing.SparseWeight(self.row_ptr, self.col_idx, self.values)
         return packing.unpack_sparse_weight(sparse, self.out_features, self.in_features)
 
@@ -380,8 +389,15 @@ class SparseInt8Linear(_QuantizedInput, _DeployLinear):
         self.pattern = "1x4"
         self._set_sparsity(int(self.values.count_nonzero()))
 
+    def _check_format(self) -> None:
+        sparse = packing.SparseWeight(self.row_ptr, self.group_idx, self.values.reshape(-1, 4, 1))
+        packing.check_sparse_weight(
+            sparse, self.out_features, self.in_features, owner=type(self).__name__, index_name="group_idx"
+        )
+
     def q_weight(self) -> torch.Tensor:
         """Return the int8 weight ``(out_features, in_features)``."""
+        self._check_format()
         sparse = packing.SparseWeight(self.row_ptr, self.group_idx, self.values)
         return packing.unpack_sparse_int8_weight(sparse, self.out_features, self.in_features)
 

@@ -11,6 +11,7 @@ Padding rows and columns are zero, so packing and unpacking round-trip exactly.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -112,8 +113,65 @@ def pack_sparse_weight(weight: torch.Tensor, block: tuple[int, int] = (1, 1)) ->
     return SparseWeight(row_ptr, col_idx, values)
 
 
+def check_sparse_weight(
+    sparse: SparseWeight,
+    out_features: int,
+    in_features: int,
+    *,
+    owner: str = "unpack_sparse_weight",
+    index_name: str = "col_idx",
+) -> None:
+    """Raise ``ValueError`` unless ``sparse`` describes a weight ``(out_features, in_features)``.
+
+    ``values`` is ``(nblocks, C, R)``; ``row_ptr`` must run from 0 to ``nblocks`` without
+    decreasing and every block column index must lie below ``ceil(in_features / C)``. ``owner``
+    and ``index_name`` name the caller and the index tensor in the message.
+    """
+    row_ptr, col_idx, values = sparse
+    if values.dim() != 3:
+        raise ValueError(f"{owner}: expected values of shape (nblocks, C, R), but got {tuple(values.shape)}")
+    c, r = values.shape[1], values.shape[2]
+    block_rows = -(-out_features // r) if r else 0
+    if row_ptr.dim() != 1 or row_ptr.numel() != block_rows + 1:
+        raise ValueError(
+            f"{owner}: expected row_ptr to hold {block_rows + 1} entries for {out_features} outputs in "
+            f"blocks of {r}, but got shape {tuple(row_ptr.shape)}"
+        )
+    blocks = col_idx.numel()
+    if values.shape[0] != blocks:
+        raise ValueError(
+            f"{owner}: expected one value block per entry of {index_name} ({blocks}), "
+            f"but got {values.shape[0]}"
+        )
+    starts = row_ptr.long()
+    if int(starts[0]) != 0 or int(starts[-1]) != blocks:
+        raise ValueError(
+            f"{owner}: expected row_ptr to run from 0 to the number of blocks {blocks}, but got "
+            f"{int(starts[0])} to {int(starts[-1])}"
+        )
+    steps = starts[1:] - starts[:-1]
+    if bool((steps < 0).any()):
+        i = int(torch.nonzero(steps < 0)[0])
+        raise ValueError(
+            f"{owner}: expected a non-decreasing row_ptr, but row_ptr[{i}] = {int(starts[i])} > "
+            f"row_ptr[{i + 1}] = {int(starts[i + 1])}"
+        )
+    block_cols = -(-in_features // c)
+    if blocks:
+        largest = int((col_idx.long() & 0xFFFF).max())
+        if largest >= block_cols:
+            raise ValueError(
+                f"{owner}: expected every index in {index_name} to be below {block_cols}, "
+                f"but {index_name} contains {largest}"
+            )
+
+
 def unpack_sparse_weight(sparse: SparseWeight, out_features: int, in_features: int) -> torch.Tensor:
-    """Undo :func:`pack_sparse_weight`: the dense weight ``(N, K)``."""
+    """Undo :func:`pack_sparse_weight`: the dense weight ``(N, K)``.
+
+    Raises ``ValueError`` when the format does not describe such a weight (see :func:`check_sparse_weight`).
+    """
+    check_sparse_weight(sparse, out_features, in_features)
     row_ptr, col_idx, values = sparse
     c, r = values.shape[1], values.shape[2]
     block_rows = row_ptr.numel() - 1
@@ -142,6 +200,10 @@ def pack_sparse_int8_weight(q_weight: torch.Tensor) -> tuple[SparseWeight, torch
 def unpack_sparse_int8_weight(sparse: SparseWeight, out_features: int, in_features: int) -> torch.Tensor:
     """Undo :func:`pack_sparse_int8_weight`: the int8 weight ``(N, K)``."""
     row_ptr, col_idx, values = sparse
+    if values.dim() != 2 or values.shape[1] != 4:
+        raise ValueError(
+            f"unpack_sparse_int8_weight: expected values of shape (ngroups, 4), but got {tuple(values.shape)}"
+        )
     return unpack_sparse_weight(
         SparseWeight(row_ptr, col_idx, values.reshape(-1, 4, 1)), out_features, in_features
     )
@@ -155,7 +217,7 @@ def detect_pattern(weight: torch.Tensor, min_fill: float = 0.95) -> str:
     (a few zeros inside kept blocks, from rounding or chance, are allowed), else
     ``"unstructured"``. Convolution weights are viewed as ``(out_channels, -1)``.
     """
-    flat = weight.detach().reshape(weight.shape[0], -1)
+    flat = weight.detach().reshape(weight.shape[0], math.prod(weight.shape[1:]))
     nonzero = flat.ne(0)
     nonzero_count = int(nonzero.sum())
     if nonzero_count == flat.numel():

@@ -15,6 +15,8 @@ Fake quantization during training, this reference and the C++ kernels follow the
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 UINT8_RANGE = (0, 255)
@@ -94,7 +96,7 @@ def quantize_weight_per_channel(weight: torch.Tensor, bits: int = 8) -> tuple[to
     Returns ``(q, scale)``: int8 values shaped like ``weight`` and float32 scales ``(out,)``.
     """
     qmin, qmax = integer_range(bits, signed=True)
-    flat = weight.detach().float().reshape(weight.shape[0], -1)
+    flat = weight.detach().float().reshape(weight.shape[0], math.prod(weight.shape[1:]))
     amax = flat.abs().amax(dim=1) if flat.shape[1] > 0 else torch.zeros(flat.shape[0])
     scale = choose_qparams_symmetric(amax, qmax)
     view = (-1,) + (1,) * (weight.dim() - 1)

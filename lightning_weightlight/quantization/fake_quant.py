@@ -162,7 +162,7 @@ def weight_scale(weight: torch.Tensor, bits: int = 8, per_channel: bool = True) 
     one scale is repeated for every output channel, so the result is always ``(out,)``.
     """
     _, qmax = integer_range(bits, signed=True)
-    flat = weight.detach().float().reshape(weight.shape[0], -1)
+    flat = weight.detach().float().reshape(weight.shape[0], math.prod(weight.shape[1:]))
     if flat.numel() == 0:
         amax = torch.zeros(weight.shape[0], device=weight.device)
     elif per_channel:
