@@ -10,7 +10,7 @@ CSRC = os.path.join("lightning_weightlight", "csrc")
 
 # The kernels pick AVX-512 VNNI, AVX2 or scalar code at run time through function target
 # attributes, so the library itself is built for the baseline x86-64 instruction set.
-extra_compile_args = ["-O3", "-fopenmp", "-std=c++17", "-Wall", "-Wno-unknown-pragmas"]
+extra_compile_args = ["-O3", "-fopenmp", "-std=c++20", "-Wall", "-Wno-unknown-pragmas"]
 
 setup(
     ext_modules=[

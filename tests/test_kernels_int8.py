@@ -189,6 +189,26 @@ def cpu_flags() -> set[str]:
     return set(line.split(":", 1)[-1].split())
 
 
+@pytest.mark.skipif("avx2" not in cpu_flags(), reason="this CPU has no AVX2")
+@pytest.mark.parametrize("static", [False, True])
+@pytest.mark.parametrize("shape", [(1, 70, 37), (2, 70, 37), (5, 1031, 33), (9, 64, 40), (128, 384, 50)])
+def test_int8_linear_avx2_equals_scalar(shape, static):
+    # The AVX2 epilogue multiplies and then adds, as the scalar one does, so the outputs are equal.
+    m, k, n = shape
+    q_w, w_scale, bias = make_layer(n, k, seed=k)
+    packed = packing.pack_int8_weight(q_w)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)) * 3.0
+    quantization = (torch.tensor(0.05), torch.tensor(120, dtype=torch.int32)) if static else (None, None)
+    outputs = []
+    try:
+        for isa in ("scalar", "avx2"):
+            ops.set_isa(isa)
+            outputs.append(ops.int8_linear(x, packed.packed, packed.sums, w_scale, bias, *quantization))
+    finally:
+        ops.set_isa("auto")
+    assert torch.equal(outputs[0], outputs[1])
+
+
 @pytest.mark.skipif("amx_int8" not in cpu_flags(), reason="this CPU has no AMX int8 tiles")
 def test_amx_path_matches_avx512_path():
     assert ops.set_isa("auto") == "amx"

@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <vector>
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -87,6 +88,33 @@ void epilogue_scalar(const int32_t* acc, int rows, int64_t m0, int64_t n0, int64
   }
 }
 
+// The scalar epilogue with 8 columns per step: the same operations in the same order (a multiply,
+// then an add, never fused), so both give the same bits.
+__attribute__((target("avx2,fma"))) void epilogue_avx2(const int32_t* acc, int rows, int64_t m0, int64_t n0,
+                                                        int64_t cols, const Epilogue& e) {
+  const int64_t vector_cols = cols / 8 * 8;
+  for (int i = 0; i < rows; ++i) {
+    const int64_t m = m0 + i;
+    const __m256i zp = _mm256_set1_epi32(e.x_zero_point[m]);
+    const __m256 xs = _mm256_set1_ps(e.x_scale[m]);
+    float* out_row = e.out + m * e.n + n0;
+    for (int64_t c = 0; c < vector_cols; c += 8) {
+      __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(acc + i * kAccStride + c));
+      const __m256i sums = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(e.w_sums + n0 + c));
+      a = _mm256_sub_epi32(a, _mm256_mullo_epi32(zp, sums));
+      const __m256 scale = _mm256_mul_ps(xs, _mm256_loadu_ps(e.w_scale + n0 + c));
+      __m256 y = _mm256_mul_ps(_mm256_cvtepi32_ps(a), scale);
+      if (e.bias != nullptr) {
+        y = _mm256_add_ps(y, _mm256_loadu_ps(e.bias + n0 + c));
+      }
+      _mm256_storeu_ps(out_row + c, y);
+    }
+  }
+  if (vector_cols < cols) {
+    epilogue_scalar(acc + vector_cols, rows, m0, n0 + vector_cols, cols - vector_cols, e);
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // AVX2: no u8 x s8 dot product without saturation, so both operands are widened to int16 and
 // multiplied with vpmaddwd, which sums pairs into exact int32 lanes.
@@ -122,6 +150,106 @@ __attribute__((target("avx2,fma"))) void tile_avx2(const uint8_t* qx, int64_t ld
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(acc_out + i * kAccStride), low);
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(acc_out + i * kAccStride + 8), high);
   }
+}
+
+// AVX2 for 3 rows or more: tiles of 4 rows by 8 columns (half a packed block). tile_avx2 above
+// widens the weights of 16 columns for every pair of rows. Here each group of 8 columns is widened
+// once per 4 rows, and the activations once per call. On Zen 2, which issues one vpmaddwd per
+// cycle (16 products), (4096, 4096) at M = 128 took 45 ms: about that peak, and 1.2x faster than
+// with tile_avx2. Tiles of 8 rows by 4 columns were 5-15% slower.
+
+constexpr int kAvx2TileRows = 4;
+constexpr int64_t kAvx2MinRows = 3;
+
+// acc_out[i * kAccStride + c], c < 8: the sums of MR rows of x16 (int16, ldx per row) times 8
+// columns of a packed weight block. `w` points at the first of those columns in group 0, and
+// group g's 8 columns x 4 inputs are the 32 bytes at w + 64 g.
+template <int MR>
+__attribute__((target("avx2,fma"))) void tile8_avx2(const int16_t* x16, int64_t ldx, const int8_t* w, int64_t groups,
+                                                     int32_t* acc_out) {
+  __m256i acc[MR][2];
+  #pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i) {
+    acc[i][0] = _mm256_setzero_si256();
+    acc[i][1] = _mm256_setzero_si256();
+  }
+  for (int64_t g = 0; g < groups; ++g) {
+    const int8_t* wg = w + g * 64;
+    _mm_prefetch(reinterpret_cast<const char*>(wg + 1024), _MM_HINT_T0);  // as in tile_avx2
+    const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wg)));
+    const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wg + 16)));
+    #pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      int64_t word;
+      std::memcpy(&word, x16 + i * ldx + 4 * g, sizeof(word));
+      const __m256i xv = _mm256_set1_epi64x(word);  // the group's 4 inputs, repeated
+      acc[i][0] = _mm256_add_epi32(_mm256_madd_epi16(w0, xv), acc[i][0]);
+      acc[i][1] = _mm256_add_epi32(_mm256_madd_epi16(w1, xv), acc[i][1]);
+    }
+  }
+  // As in tile_avx2, each lane pair contains two partial sums of one column.
+  #pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i) {
+    const __m256i sums = _mm256_permute4x64_epi64(_mm256_hadd_epi32(acc[i][0], acc[i][1]), 0xD8);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(acc_out + i * kAccStride), sums);
+  }
+}
+
+void tile8_avx2_rows(int rows, const int16_t* x16, int64_t ldx, const int8_t* w, int64_t groups, int32_t* acc) {
+  switch (rows) {
+    case 1:
+      tile8_avx2<1>(x16, ldx, w, groups, acc);
+      break;
+    case 2:
+      tile8_avx2<2>(x16, ldx, w, groups, acc);
+      break;
+    case 3:
+      tile8_avx2<3>(x16, ldx, w, groups, acc);
+      break;
+    default:
+      tile8_avx2<4>(x16, ldx, w, groups, acc);
+      break;
+  }
+}
+
+__attribute__((target("avx2,fma"))) void widen_to_int16(const uint8_t* q, int64_t count, int16_t* out) {
+  int64_t i = 0;
+  for (; i + 16 <= count; i += 16) {
+    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + i));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), _mm256_cvtepu8_epi16(bytes));
+  }
+  for (; i < count; ++i) {
+    out[i] = q[i];
+  }
+}
+
+// Tasks are weight blocks of 16 columns, each multiplied by every row of activations, so a block
+// is read from memory once and its second half, and later row tiles, find it in cache.
+// Measured on Zen 2: widening each block to int16 once per task, instead of once per 4 rows, was
+// no faster at any M (the extra stores and the doubled size cost what the conversions saved).
+void blocked_gemm_avx2(const uint8_t* q_ptr, const int8_t* w_ptr, int64_t m, int64_t n, int64_t groups,
+                       int64_t col_blocks, const Epilogue& e) {
+  const int64_t ldx = groups * 4;
+  std::vector<int16_t> x16(static_cast<size_t>(m * ldx));
+  const int64_t rows_grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(ldx, 1));
+  at::parallel_for(0, m, rows_grain, [&](int64_t begin, int64_t end) {
+    widen_to_int16(q_ptr + begin * ldx, (end - begin) * ldx, x16.data() + begin * ldx);
+  });
+  at::parallel_for(0, col_blocks, 1, [&](int64_t begin, int64_t end) {
+    alignas(64) int32_t acc[kAvx2TileRows * kAccStride];
+    for (int64_t b = begin; b < end; ++b) {
+      const int8_t* block = w_ptr + b * groups * 64;
+      const int64_t n0 = b * kBlockCols;
+      const int64_t cols = std::min<int64_t>(kBlockCols, n - n0);
+      for (int64_t m0 = 0; m0 < m; m0 += kAvx2TileRows) {
+        const int rows = static_cast<int>(std::min<int64_t>(kAvx2TileRows, m - m0));
+        const int16_t* x = x16.data() + m0 * ldx;
+        tile8_avx2_rows(rows, x, ldx, block, groups, acc);
+        tile8_avx2_rows(rows, x, ldx, block + 32, groups, acc + 8);
+        epilogue_avx2(acc, rows, m0, n0, cols, e);
+      }
+    }
+  });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -515,6 +643,10 @@ at::Tensor int8_linear_cpu(const at::Tensor& x_in, const at::Tensor& w_packed, c
     blocked_gemm_avx512(q_ptr, w_ptr, m, n, groups, col_blocks, e);
     return out.view(output_shape(x_in, n));
   }
+  if (isa == Isa::kAvx2 && m >= kAvx2MinRows) {
+    blocked_gemm_avx2(q_ptr, w_ptr, m, n, groups, col_blocks, e);
+    return out.view(output_shape(x_in, n));
+  }
 
   const TileShape shape = tile_shape(isa, m);
   const int64_t row_tiles = (m + shape.rows - 1) / shape.rows;
@@ -546,7 +678,7 @@ at::Tensor int8_linear_cpu(const at::Tensor& x_in, const at::Tensor& w_packed, c
         } else {
           tile_avx2<1>(qx, ldx, w, groups, acc);
         }
-        epilogue_scalar(acc, rows, m0, n0, cols, e);
+        epilogue_avx2(acc, rows, m0, n0, cols, e);
       } else {
         tile_scalar(qx, ldx, w, groups, rows, blocks, acc);
         epilogue_scalar(acc, rows, m0, n0, cols, e);
