@@ -14,7 +14,6 @@
 
 #include <algorithm>
 #include <cstring>
-#include <vector>
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -223,27 +222,35 @@ __attribute__((target("avx2,fma"))) void widen_to_int16(const uint8_t* q, int64_
   }
 }
 
-// Tasks are weight blocks of 16 columns, each multiplied by every row of activations, so a block
-// is read from memory once and its second half, and later row tiles, find it in cache.
+// A task multiplies one weight block of 16 columns by up to kAvx2ChunkRows rows, and consecutive
+// tasks take the row chunks of one block, so the block is read from memory once and its second
+// half, and the later row tiles, find it in cache. Chunks of rows keep both threads busy when N
+// is a single block.
 // Measured on Zen 2: widening each block to int16 once per task, instead of once per 4 rows, was
 // no faster at any M (the extra stores and the doubled size cost what the conversions saved).
+constexpr int64_t kAvx2ChunkRows = 64;
+
 void blocked_gemm_avx2(const uint8_t* q_ptr, const int8_t* w_ptr, int64_t m, int64_t n, int64_t groups,
                        int64_t col_blocks, const Epilogue& e) {
   const int64_t ldx = groups * 4;
-  std::vector<int16_t> x16(static_cast<size_t>(m * ldx));
+  const at::Tensor x16_tensor = at::empty({m * ldx}, at::TensorOptions().dtype(at::kShort));
+  int16_t* x16 = x16_tensor.mutable_data_ptr<int16_t>();
   const int64_t rows_grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(ldx, 1));
   at::parallel_for(0, m, rows_grain, [&](int64_t begin, int64_t end) {
-    widen_to_int16(q_ptr + begin * ldx, (end - begin) * ldx, x16.data() + begin * ldx);
+    widen_to_int16(q_ptr + begin * ldx, (end - begin) * ldx, x16 + begin * ldx);
   });
-  at::parallel_for(0, col_blocks, 1, [&](int64_t begin, int64_t end) {
+  const int64_t chunks = (m + kAvx2ChunkRows - 1) / kAvx2ChunkRows;
+  at::parallel_for(0, col_blocks * chunks, 1, [&](int64_t begin, int64_t end) {
     alignas(64) int32_t acc[kAvx2TileRows * kAccStride];
-    for (int64_t b = begin; b < end; ++b) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / chunks;
+      const int64_t chunk_end = std::min(m, (task % chunks + 1) * kAvx2ChunkRows);
       const int8_t* block = w_ptr + b * groups * 64;
       const int64_t n0 = b * kBlockCols;
       const int64_t cols = std::min<int64_t>(kBlockCols, n - n0);
-      for (int64_t m0 = 0; m0 < m; m0 += kAvx2TileRows) {
-        const int rows = static_cast<int>(std::min<int64_t>(kAvx2TileRows, m - m0));
-        const int16_t* x = x16.data() + m0 * ldx;
+      for (int64_t m0 = task % chunks * kAvx2ChunkRows; m0 < chunk_end; m0 += kAvx2TileRows) {
+        const int rows = static_cast<int>(std::min<int64_t>(kAvx2TileRows, chunk_end - m0));
+        const int16_t* x = x16 + m0 * ldx;
         tile8_avx2_rows(rows, x, ldx, block, groups, acc);
         tile8_avx2_rows(rows, x, ldx, block + 32, groups, acc + 8);
         epilogue_avx2(acc, rows, m0, n0, cols, e);
