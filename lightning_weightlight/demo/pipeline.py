@@ -89,7 +89,11 @@ def _trainer(settings: PipelineSettings, epochs: int, callbacks: list, name: str
 def train_teacher(settings: PipelineSettings, data: DigitsDataModule) -> tuple[DigitsCNN, float]:
     """Train the dense CNN and return it, loaded from its best checkpoint, with its test accuracy."""
     teacher = DigitsCNN()
-    checkpoint = ModelCheckpoint(monitor="val_acc", mode="max", dirpath=settings.output_dir / "teacher")
+    # Beside the CSV logs in teacher/version_N, not above them: ModelCheckpoint warns when its folder
+    # holds anything at the start of fit.
+    checkpoint = ModelCheckpoint(
+        monitor="val_acc", mode="max", dirpath=settings.output_dir / "teacher" / "checkpoints"
+    )
     trainer = _trainer(settings, settings.teacher_epochs, [checkpoint], "teacher")
     trainer.fit(teacher, datamodule=data)
     accuracy = trainer.test(teacher, datamodule=data, ckpt_path="best", verbose=False)[0]["test_acc"]
