@@ -241,6 +241,24 @@ def test_failed_write_keeps_old_file(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
 
 
+def test_invalid_sparse_index_rejected_with_path(tmp_path):
+    # The digest is valid, but the stored index is out of range: the deploy module's load check
+    # must surface as CompressedFileError naming the file.
+    from lightning_weightlight.kernels import SparseLinear
+
+    linear = nn.Linear(16, 4)
+    with torch.no_grad():
+        linear.weight.mul_(torch.arange(64).reshape(4, 16) % 2)
+    model = nn.Sequential(SparseLinear.from_dense(linear))
+    model[0].col_idx[0] = 16
+    path = tmp_path / "bad.safetensors"
+    save_compressed(model, path)
+    with pytest.raises(
+        CompressedFileError, match=r"bad\.safetensors: the stored tensors do not form a valid layer"
+    ):
+        load_compressed(path, model=nn.Sequential(nn.Linear(16, 4)))
+
+
 def test_header_length_beyond_file_rejected(tmp_path):
     path = tmp_path / "model.safetensors"
     path.write_bytes(struct.pack("<Q", 1 << 40) + b"{}")

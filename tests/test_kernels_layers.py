@@ -248,6 +248,17 @@ def test_deploy_conv2d_rejects_wrong_channels(build, channels):
         module(torch.randn(1, channels, 8, 8))
 
 
+def test_deploy_conv2d_without_outputs():
+    conv = nn.Conv2d(3, 0, 3)
+    x = torch.randn(1, 3, 8, 8)
+    for module in (
+        Int8Conv2d.from_float(conv),
+        SparseConv2d.from_dense(conv),
+        SparseInt8Conv2d.from_float(conv),
+    ):
+        assert module(x).shape == (1, 0, 6, 6)
+
+
 @pytest.mark.parametrize("shape", [(8, 0), (0, 8), (0, 0)])
 def test_deploy_linear_empty_layers(shape):
     in_features, out_features = shape
@@ -310,6 +321,33 @@ def test_deploy_linear_rejects_corrupted_state_dict(module_index):
     module._buffers[index][0] = limit + 5
     with pytest.raises(ValueError, match=f"{index} to be below {limit}, but {index} contains {limit + 5}"):
         module.to_float()
+
+
+@pytest.mark.parametrize("module_index", [0, 2, 3])
+def test_deploy_linear_rejects_values_its_buffers_cannot_hold(module_index):
+    # load_state_dict casts into the buffer's dtype: out-of-range values must not wrap silently.
+    module = build_all(pruned_linear(in_features=40))[module_index]
+    key = {0: "weight", 2: "col_idx", 3: "group_idx"}[module_index]
+    owner = type(module).__name__
+    state = {name: value.clone() for name, value in module.state_dict().items()}
+    wide = state[key].to(torch.int32)
+    rebuilt = type(module).from_config(module.extra_config())
+
+    # A wider dtype with values that fit loads, and the layer is unchanged.
+    rebuilt.load_state_dict(dict(state, **{key: wide}))
+    x = torch.randn(3, 40)
+    assert torch.equal(rebuilt(x), module(x))
+
+    too_large = wide.clone()
+    too_large.view(-1)[0] = 65536 + 7 if key != "weight" else 300
+    with pytest.raises(
+        ValueError, match=f"{owner}: {key} contains {too_large.view(-1)[0].item()}, which its"
+    ):
+        rebuilt.load_state_dict(dict(state, **{key: too_large}))
+    fractional = dict(state, row_ptr=state["row_ptr"].double() + 0.5) if key != "weight" else None
+    if fractional is not None:
+        with pytest.raises(ValueError, match=f"{owner}: row_ptr contains 0.5"):
+            rebuilt.load_state_dict(fractional)
 
 
 def test_conv2d_rejects_unsupported():

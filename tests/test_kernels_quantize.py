@@ -45,30 +45,34 @@ def test_quantize_per_row_matches_reference(isa, shape):
         [-1.0, 0.0, 3.0],
         [0.5, 1.5, 2.5, -0.5],  # ties round to even
         [1e-30, -1e-30, 0.0],
-        [3.4e38, -3.4e38, 1.0],
+        [3.4e38, -3.4e38, 1.0],  # the range overflows float32: scale NaN
     ],
 )
 def test_quantize_per_row_edge_rows(isa, row):
     x = torch.tensor([row], dtype=torch.float32)
     for got, expected in zip(ops.quantize_per_row(x), reference.quantize_per_row(x)):
-        assert torch.equal(got, expected)
+        torch.testing.assert_close(got, expected, rtol=0, atol=0, equal_nan=True)
 
 
 @pytest.mark.parametrize("k", [3, 8, 37, 64, 100])
-def test_quantize_per_row_nan_rows(isa, k):
-    # min and max instructions drop NaN: the kernels must still mark the row as the reference does
-    # (scale NaN, zero point INT32_MIN, q = 0), wherever the NaN sits, so that its outputs are NaN.
-    x = torch.randn(5, k, generator=torch.Generator().manual_seed(k))
+def test_quantize_per_row_non_finite_rows(isa, k):
+    # min and max instructions drop NaN, and an infinity or a range beyond float32 makes the scale
+    # infinite. The kernels must mark all these rows as the reference does (scale NaN, zero point
+    # INT32_MIN, q = 0), wherever the value sits, so that their outputs are NaN.
+    x = torch.randn(7, k, generator=torch.Generator().manual_seed(k))
     x[0, 0] = float("nan")
     x[2, k - 1] = float("nan")
     x[3, k // 2] = float("inf")
+    x[4, k // 2] = float("-inf")
+    x[5, 0], x[5, k - 1] = 3e38, -3e38
     got = ops.quantize_per_row(x)
     expected = reference.quantize_per_row(x)
     assert torch.equal(got[0], expected[0])
     torch.testing.assert_close(got[1], expected[1], rtol=0, atol=0, equal_nan=True)
     assert torch.equal(got[2], expected[2])
-    assert got[1].isnan().tolist() == [True, False, True, False, False]
-    assert got[2][[0, 2]].tolist() == [-(2**31)] * 2
+    assert got[1].isnan().tolist() == [True, False, True, True, True, True, False]
+    assert got[2][[0, 2, 3, 4]].tolist() == [-(2**31)] * 4
+    assert int(got[0][[0, 2, 3, 4]].count_nonzero()) == 0
 
 
 def test_quantize_per_row_values_by_hand():

@@ -5,8 +5,9 @@
 //   scale = (hi - lo) / 255, or 1 when hi == lo
 //   zero_point = clamp(round(-lo / scale), 0, 255)
 //   q = clamp(round(x / scale) + zero_point, 0, 255)
-// in float32, with round half to even and a true division (no reciprocal). A row that contains NaN
-// gets scale NaN, zero point INT32_MIN and q = 0, so its outputs are NaN, as in the reference.
+// in float32, with round half to even and a true division (no reciprocal). A row with NaN, an
+// infinity or a range beyond float32 (so a scale that is not finite) gets scale NaN, zero point
+// INT32_MIN and q = 0, so its outputs are NaN, as in the reference.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -43,7 +44,7 @@ RowParams params_from_range(float lo, float hi) {
   return {scale, zero_point};
 }
 
-// The parameters of a row that contains NaN; its q is all zeros.
+// Set the q row to zeros and return the parameters of a row without a usable scale.
 RowParams nan_row(int64_t k, uint8_t* q) {
   std::fill(q, q + k, uint8_t{0});
   return {std::numeric_limits<float>::quiet_NaN(), -2147483648.0f};
@@ -63,6 +64,10 @@ void quantize_row_scalar(const float* x, int64_t k, uint8_t* q, RowParams* out) 
     return;
   }
   RowParams p = params_from_range(lo, hi);
+  if (!std::isfinite(p.scale)) {
+    *out = nan_row(k, q);
+    return;
+  }
   for (int64_t i = 0; i < k; ++i) {
     float v = std::nearbyint(x[i] / p.scale) + p.zero_point;
     q[i] = static_cast<uint8_t>(std::min(std::max(v, 0.0f), 255.0f));
@@ -103,6 +108,10 @@ __attribute__((target("avx2,fma"))) void quantize_row_avx2(const float* x, int64
     return;
   }
   RowParams p = params_from_range(lo, hi);
+  if (!std::isfinite(p.scale)) {
+    *out = nan_row(k, q);
+    return;
+  }
 
   const __m256 vscale = _mm256_set1_ps(p.scale);
   const __m256 vzp = _mm256_set1_ps(p.zero_point);
@@ -156,6 +165,10 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void quantize_row_avx512(
   }
   RowParams p = params_from_range(_mm512_reduce_min_ps(_mm512_min_ps(vlo0, vlo1)),
                                   _mm512_reduce_max_ps(_mm512_max_ps(vhi0, vhi1)));
+  if (!std::isfinite(p.scale)) {
+    *out = nan_row(k, q);
+    return;
+  }
 
   const __m512 vscale = _mm512_set1_ps(p.scale);
   const __m512 vzp = _mm512_set1_ps(p.zero_point);

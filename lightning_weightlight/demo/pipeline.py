@@ -89,8 +89,8 @@ def _trainer(settings: PipelineSettings, epochs: int, callbacks: list, name: str
 def train_teacher(settings: PipelineSettings, data: DigitsDataModule) -> tuple[DigitsCNN, float]:
     """Train the dense CNN and return it, loaded from its best checkpoint, with its test accuracy."""
     teacher = DigitsCNN()
-    # Beside the CSV logs in teacher/version_N, not above them: ModelCheckpoint warns when its folder
-    # holds anything at the start of fit.
+    # Beside the CSV logs in teacher/version_N, not above them, because ModelCheckpoint warns when its
+    # folder is not empty at the start of fit.
     checkpoint = ModelCheckpoint(
         monitor="val_acc", mode="max", dirpath=settings.output_dir / "teacher" / "checkpoints"
     )

@@ -332,8 +332,8 @@ def load_compressed(
 
     Args:
         path: The file to read.
-        model: An instance of the original architecture to load into (modified in place). Needed
-            when the file records no constructor arguments.
+        model: An instance of the original architecture to load into (modified in place, also by a
+            load that fails part way). Needed when the file records no constructor arguments.
         trusted_modules: Modules, besides ``lightning_weightlight``, from which the model class may
             be imported. A class whose module is already imported is always found.
 
@@ -367,5 +367,8 @@ def load_compressed(
     state = dict(tensors)
     for name, target in document.get("aliases", {}).items():
         state[name] = tensors[target]
-    model.load_state_dict(state, strict=True)
+    try:
+        model.load_state_dict(state, strict=True)
+    except ValueError as err:  # a deploy module's check of its stored tensors
+        raise CompressedFileError(f"{path}: the stored tensors do not form a valid layer: {err}") from err
     return model.eval()

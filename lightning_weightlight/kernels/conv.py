@@ -148,7 +148,7 @@ def _features(in_channels: int, kernel_size) -> int:
 
 def _as_linear(conv: nn.Conv2d) -> nn.Linear:
     """Return an ``nn.Linear`` view of a convolution's weight and bias, sharing no storage."""
-    linear = nn.Linear(conv.weight[0].numel(), conv.out_channels, bias=conv.bias is not None)
+    linear = nn.Linear(math.prod(conv.weight.shape[1:]), conv.out_channels, bias=conv.bias is not None)
     with torch.no_grad():
         linear.weight.copy_(conv.weight.detach().reshape(conv.out_channels, math.prod(conv.weight.shape[1:])))
         if conv.bias is not None:

@@ -65,6 +65,32 @@ def _input_quantization(
     return torch.tensor(scale, dtype=torch.float32), torch.tensor(zero_point, dtype=torch.int32)
 
 
+def _check_integer_values(module: _DeployLinear, state_dict, prefix, *args) -> None:
+    """Reject loaded values that an integer buffer cannot hold before torch casts them into it.
+
+    ``load_state_dict`` copies a tensor of another dtype into the buffer, so an int32 index of
+    70000 or an int16 weight of 300 would wrap around silently and load as a wrong layer.
+    """
+    for name, buffer in module._buffers.items():
+        key = prefix + name
+        if buffer is None or buffer.is_floating_point() or key not in state_dict:
+            continue
+        value = state_dict[key]
+        if not isinstance(value, torch.Tensor) or value.dtype == buffer.dtype:
+            continue
+        cast = value.detach().to(buffer.dtype).to(value.dtype)
+        differs = cast != value
+        if bool(differs.any()):
+            bad = value.detach().flatten()[differs.flatten()][0].item()
+            hint = ""
+            if buffer.dtype == torch.int16:
+                hint = " (indices above 32767 are stored as their int16 bit pattern, value - 65536)"
+            raise ValueError(
+                f"{type(module).__name__}: {key} contains {bad!r}, which its {buffer.dtype} buffer "
+                f"cannot hold; store {name} as {buffer.dtype}{hint}"
+            )
+
+
 def _repack_after_load(module: _DeployLinear, incompatible_keys) -> None:
     module._check_format()
     module._repack()
@@ -86,6 +112,7 @@ class _DeployLinear(nn.Module):
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
         self.sparsity = 0.0
         self.pattern = "dense"
+        self.register_load_state_dict_pre_hook(_check_integer_values)
         self.register_load_state_dict_post_hook(_repack_after_load)
 
     def _repack(self) -> None:

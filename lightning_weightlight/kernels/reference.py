@@ -87,6 +87,12 @@ def quantize_per_row(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch
         lo, hi = x.amin(dim=1), x.amax(dim=1)
     scale, zero_point = choose_qparams_affine(lo, hi, qmin, qmax)
     q = quantize_affine(x, scale[:, None], zero_point[:, None], qmin, qmax)
+    # A row with NaN, an infinity, or a range beyond float32 (say 3e38 and -3e38) has no usable
+    # scale. It gets scale NaN, zero point INT32_MIN and q = 0, so that every output of it is NaN.
+    bad = torch.isnan(lo) | torch.isnan(hi) | ~torch.isfinite(scale)
+    scale = torch.where(bad, torch.full_like(scale, float("nan")), scale)
+    zero_point = torch.where(bad, torch.full_like(zero_point, -(2.0**31)), zero_point)
+    q = torch.where(bad[:, None], torch.zeros_like(q), q)
     return q.to(torch.uint8), scale, zero_point.to(torch.int32)
 
 
