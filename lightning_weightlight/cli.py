@@ -25,8 +25,43 @@ from lightning_weightlight.demo import DigitsCNN, DigitsDataModule
 COMPRESSION_COMMANDS = ("compress", "report")
 
 
+def _package_error(err: BaseException) -> BaseException | None:
+    """Return the innermost ValueError or TypeError in ``err``'s chain that this package raised."""
+    found = None
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, (ValueError, TypeError)) and _raised_in_package(current):
+            found = current
+        current = current.__cause__ or current.__context__
+    return found
+
+
+def _raised_in_package(err: BaseException) -> bool:
+    frame = err.__traceback__
+    while frame is not None and frame.tb_next is not None:
+        frame = frame.tb_next
+    return frame is not None and "lightning_weightlight" in Path(frame.tb_frame.f_code.co_filename).parts
+
+
 class WeightlightCLI(LightningCLI):
     """LightningCLI with the digits CNN and data module as defaults."""
+
+    def instantiate_classes(self) -> None:
+        """Instantiate the configured classes; a bad argument to one of ours ends in a one-line error.
+
+        jsonargparse wraps the ValueError of, for example, ``WeightPruning(sparsity=1.5)`` in a
+        page of traceback and union-type messages. The package's own message names the argument,
+        the value and what to do, so it is printed alone, with the exit status 2 of a usage error.
+        """
+        try:
+            super().instantiate_classes()
+        except (ValueError, TypeError) as err:
+            reason = _package_error(err)
+            if reason is None:
+                raise
+            self.parser.error(str(reason))
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.set_defaults(

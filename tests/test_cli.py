@@ -99,8 +99,27 @@ def test_mlp_chosen_by_class_path(python_executable, tmp_path):
 
 def test_bad_model_argument_names_it(python_executable, tmp_path):
     result = run_cli(python_executable, ["fit", "--model.init_args.lr=-1", *QUICK], cwd=tmp_path)
-    assert result.returncode != 0
-    assert "lr" in result.stderr
+    assert result.returncode == 2
+    assert "error: lr: expected a positive learning rate, but got -1.0" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_bad_callback_value_in_yaml_is_one_line(python_executable, tmp_path):
+    # jsonargparse wraps the callback's ValueError in a page of union-type messages; the command
+    # prints the callback's own message as a usage error instead.
+    config = tmp_path / "bad.yaml"
+    config.write_text(
+        "trainer:\n"
+        "  callbacks:\n"
+        "    - class_path: lightning_weightlight.pruning.WeightPruning\n"
+        "      init_args:\n"
+        "        sparsity: 1.5\n"
+    )
+    result = run_cli(python_executable, ["fit", f"--config={config}", *QUICK], cwd=tmp_path)
+    assert result.returncode == 2
+    assert "error: sparsity: expected a sparsity in [0, 1), but got 1.5" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert "Union subtypes" not in result.stderr
 
 
 def test_console_script_exits_zero(tmp_path):
