@@ -49,7 +49,7 @@ class WeightlightCLI(LightningCLI):
     """LightningCLI with the digits CNN and data module as defaults."""
 
     def instantiate_classes(self) -> None:
-        """Instantiate the configured classes; a bad argument to one of ours ends in a one-line error.
+        """Instantiate the configured classes, reporting a bad argument to one of ours in one line.
 
         jsonargparse wraps the ValueError of, for example, ``WeightPruning(sparsity=1.5)`` in a
         page of traceback and union-type messages. The package's own message names the argument,

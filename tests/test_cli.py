@@ -104,8 +104,8 @@ def test_bad_model_argument_names_it(python_executable, tmp_path):
     assert "Traceback" not in result.stderr
 
 
-def test_bad_callback_value_in_yaml_is_one_line(python_executable, tmp_path):
-    # jsonargparse wraps the callback's ValueError in a page of union-type messages; the command
+def test_bad_yaml_value_one_line_error(python_executable, tmp_path):
+    # jsonargparse wraps the callback's ValueError in a page of union-type messages. The command
     # prints the callback's own message as a usage error instead.
     config = tmp_path / "bad.yaml"
     config.write_text(

@@ -121,7 +121,7 @@ def test_int8_linear_all_zero_weight(isa):
 
 @pytest.mark.parametrize("rows", [1, 3, 6, 12, 40])
 def test_dynamic_int8_modules_propagate_nan(isa, rows):
-    # A row that contains NaN or an infinity gives NaN outputs; the other rows are unchanged.
+    # A row that contains NaN or an infinity gives NaN outputs. The other rows are unchanged.
     from torch import nn
 
     from lightning_weightlight.kernels import Int8Linear, SparseInt8Linear

@@ -324,7 +324,7 @@ def test_deploy_linear_rejects_corrupted_state_dict(module_index):
 
 
 @pytest.mark.parametrize("module_index", [0, 2, 3])
-def test_deploy_linear_rejects_values_its_buffers_cannot_hold(module_index):
+def test_deploy_linear_rejects_overflowing_values(module_index):
     # load_state_dict casts into the buffer's dtype: out-of-range values must not wrap silently.
     module = build_all(pruned_linear(in_features=40))[module_index]
     key = {0: "weight", 2: "col_idx", 3: "group_idx"}[module_index]

@@ -222,10 +222,9 @@ __attribute__((target("avx2,fma"))) void widen_to_int16(const uint8_t* q, int64_
   }
 }
 
-// A task multiplies one weight block of 16 columns by up to kAvx2ChunkRows rows, and consecutive
-// tasks take the row chunks of one block, so the block is read from memory once and its second
-// half, and the later row tiles, find it in cache. Chunks of rows keep both threads busy when N
-// is a single block.
+// A task multiplies one weight block of 16 columns by up to kAvx2ChunkRows rows. Consecutive tasks
+// take the row chunks of one block, so the block is read from memory once. Its second half and the
+// later row tiles then find it in cache. Chunks of rows keep both threads busy when N is one block.
 // Measured on Zen 2: widening each block to int16 once per task, instead of once per 4 rows, was
 // no faster at any M (the extra stores and the doubled size cost what the conversions saved).
 constexpr int64_t kAvx2ChunkRows = 64;

@@ -3,7 +3,6 @@
 // backward returned no gradient and torch only warned. A Python autograd registration did the
 // same job but added about 10 us to every call in grad mode, so this lives in C++.
 #include <string>
-#include <utility>
 
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/function.h>
@@ -22,19 +21,19 @@ std::string no_backward_message(const char* op) {
          "torch.no_grad(), or train the float module from to_float() instead.";
 }
 
-// Run the CPU kernel below autograd; attach a raising node when any input needs a gradient.
-template <typename Signature, typename... Args>
-at::Tensor call_without_backward(const char* op, const c10::TypedOperatorHandle<Signature>& handle,
-                                 const Args&... args) {
-  const bool needs_grad = torch::autograd::compute_requires_grad(args...);
+// Run `kernel` below autograd. When any of `inputs` needs a gradient, attach to the result a graph
+// node whose backward raises.
+template <typename Kernel, typename... Inputs>
+at::Tensor run_without_backward(const char* op, const Kernel& kernel, const Inputs&... inputs) {
+  const bool needs_grad = torch::autograd::compute_requires_grad(inputs...);
   at::Tensor out;
   {
     at::AutoDispatchBelowADInplaceOrView guard;
-    out = handle.call(args...);
+    out = kernel();
   }
   if (needs_grad) {
     auto node = c10::make_intrusive<torch::autograd::Error>(no_backward_message(op),
-                                                            torch::autograd::collect_next_edges(args...));
+                                                            torch::autograd::collect_next_edges(inputs...));
     torch::autograd::set_history(out, node);
   }
   return out;
@@ -48,7 +47,9 @@ at::Tensor int8_linear_autograd(const at::Tensor& x, const at::Tensor& w_packed,
           .findSchemaOrThrow("weightlight::int8_linear", "")
           .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                             const OptionalTensor&, const OptionalTensor&, const OptionalTensor&)>();
-  return call_without_backward("int8_linear", handle, x, w_packed, w_sums, w_scale, bias, x_scale, x_zero_point);
+  return run_without_backward(
+      "int8_linear", [&] { return handle.call(x, w_packed, w_sums, w_scale, bias, x_scale, x_zero_point); }, x,
+      w_scale, bias, x_scale);
 }
 
 at::Tensor sparse_linear_autograd(const at::Tensor& x, const at::Tensor& row_ptr, const at::Tensor& col_idx,
@@ -58,18 +59,9 @@ at::Tensor sparse_linear_autograd(const at::Tensor& x, const at::Tensor& row_ptr
           .findSchemaOrThrow("weightlight::sparse_linear", "")
           .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                             const OptionalTensor&, int64_t)>();
-  const bool needs_grad = torch::autograd::compute_requires_grad(x, values, bias);
-  at::Tensor out;
-  {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    out = handle.call(x, row_ptr, col_idx, values, bias, out_features);
-  }
-  if (needs_grad) {
-    auto node = c10::make_intrusive<torch::autograd::Error>(no_backward_message("sparse_linear"),
-                                                            torch::autograd::collect_next_edges(x, values, bias));
-    torch::autograd::set_history(out, node);
-  }
-  return out;
+  return run_without_backward(
+      "sparse_linear", [&] { return handle.call(x, row_ptr, col_idx, values, bias, out_features); }, x, values,
+      bias);
 }
 
 at::Tensor sparse_int8_linear_autograd(const at::Tensor& x, const at::Tensor& row_ptr, const at::Tensor& group_idx,
@@ -82,8 +74,10 @@ at::Tensor sparse_int8_linear_autograd(const at::Tensor& x, const at::Tensor& ro
           .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                             const at::Tensor&, const at::Tensor&, const OptionalTensor&, const OptionalTensor&,
                             const OptionalTensor&)>();
-  return call_without_backward("sparse_int8_linear", handle, x, row_ptr, group_idx, values, w_sums, w_scale, bias,
-                               x_scale, x_zero_point);
+  return run_without_backward(
+      "sparse_int8_linear",
+      [&] { return handle.call(x, row_ptr, group_idx, values, w_sums, w_scale, bias, x_scale, x_zero_point); }, x,
+      w_scale, bias, x_scale);
 }
 
 }  // namespace

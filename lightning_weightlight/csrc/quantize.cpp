@@ -59,12 +59,8 @@ void quantize_row_scalar(const float* x, int64_t k, uint8_t* q, RowParams* out) 
     hi = std::max(hi, x[i]);
     nan |= std::isnan(x[i]);
   }
-  if (nan) {
-    *out = nan_row(k, q);
-    return;
-  }
   RowParams p = params_from_range(lo, hi);
-  if (!std::isfinite(p.scale)) {
+  if (nan || !std::isfinite(p.scale)) {
     *out = nan_row(k, q);
     return;
   }
@@ -79,7 +75,7 @@ __attribute__((target("avx2,fma"))) void quantize_row_avx2(const float* x, int64
                                                             uint8_t* q, RowParams* out) {
   __m256 vlo = _mm256_set1_ps(std::numeric_limits<float>::infinity());
   __m256 vhi = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
-  __m256 vnan = _mm256_setzero_ps();  // min and max drop NaN, so it is tracked apart
+  __m256 vnan = _mm256_setzero_ps();  // min and max drop NaN, so a separate mask records it
   int64_t i = 0;
   for (; i + 8 <= k; i += 8) {
     __m256 v = _mm256_loadu_ps(x + i);
@@ -103,12 +99,8 @@ __attribute__((target("avx2,fma"))) void quantize_row_avx2(const float* x, int64
     hi = std::max(hi, x[j]);
     nan |= std::isnan(x[j]);
   }
-  if (nan) {
-    *out = nan_row(k, q);
-    return;
-  }
   RowParams p = params_from_range(lo, hi);
-  if (!std::isfinite(p.scale)) {
+  if (nan || !std::isfinite(p.scale)) {
     *out = nan_row(k, q);
     return;
   }
@@ -140,7 +132,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void quantize_row_avx512(
   __m512 vhi0 = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   __m512 vlo1 = vlo0;
   __m512 vhi1 = vhi0;
-  __mmask16 nan = 0;  // min and max drop NaN, so it is tracked apart
+  __mmask16 nan = 0;  // min and max drop NaN, so a separate mask records it
   int64_t i = 0;
   for (; i + 32 <= k; i += 32) {
     const __m512 v0 = _mm512_loadu_ps(x + i);
@@ -159,13 +151,9 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void quantize_row_avx512(
     vhi0 = _mm512_mask_max_ps(vhi0, tail, vhi0, v);
     nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
   }
-  if (nan != 0) {
-    *out = nan_row(k, q);
-    return;
-  }
   RowParams p = params_from_range(_mm512_reduce_min_ps(_mm512_min_ps(vlo0, vlo1)),
                                   _mm512_reduce_max_ps(_mm512_max_ps(vhi0, vhi1)));
-  if (!std::isfinite(p.scale)) {
+  if (nan != 0 || !std::isfinite(p.scale)) {
     *out = nan_row(k, q);
     return;
   }

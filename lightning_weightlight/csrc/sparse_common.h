@@ -19,8 +19,8 @@ void check_block_rows(const at::Tensor& row_ptr, const at::Tensor& col_idx, int6
                       int64_t block_cols_total, const char* op, bool check_indices = true,
                       const char* index_name = "col_idx");
 
-// Raise the error of an index at or above block_cols_total, naming the largest index. For the
-// kernels that found one while reading; scans col_idx again, so only called on that error.
+// Raise the error of an index at or above block_cols_total, naming the largest index. The kernels
+// that found such an index while reading call it. It scans col_idx again, so only on that error.
 [[noreturn]] void raise_index_out_of_range(const at::Tensor& col_idx, int64_t block_cols_total, const char* op,
                                            const char* index_name = "col_idx");
 

@@ -148,9 +148,10 @@ def _features(in_channels: int, kernel_size) -> int:
 
 def _as_linear(conv: nn.Conv2d) -> nn.Linear:
     """Return an ``nn.Linear`` view of a convolution's weight and bias, sharing no storage."""
-    linear = nn.Linear(math.prod(conv.weight.shape[1:]), conv.out_channels, bias=conv.bias is not None)
+    in_features = math.prod(conv.weight.shape[1:])
+    linear = nn.Linear(in_features, conv.out_channels, bias=conv.bias is not None)
     with torch.no_grad():
-        linear.weight.copy_(conv.weight.detach().reshape(conv.out_channels, math.prod(conv.weight.shape[1:])))
+        linear.weight.copy_(conv.weight.detach().reshape(conv.out_channels, in_features))
         if conv.bias is not None:
             linear.bias.copy_(conv.bias.detach())
     return linear

@@ -330,9 +330,10 @@ class SparseLinear(_DeployLinear):
         packing.check_sparse_weight(sparse, self.out_features, self.in_features, owner=type(self).__name__)
 
     def dense_weight(self) -> torch.Tensor:
-        self._check_format()
         sparse = packing.SparseWeight(self.row_ptr, self.col_idx, self.values)
-        return packing.unpack_sparse_weight(sparse, self.out_features, self.in_features)
+        return packing.unpack_sparse_weight(
+            sparse, self.out_features, self.in_features, owner=type(self).__name__
+        )
 
     def extra_config(self) -> dict[str, Any]:
         return {**super().extra_config(), "block": self.block, "num_blocks": self.col_idx.numel()}
@@ -424,9 +425,10 @@ class SparseInt8Linear(_QuantizedInput, _DeployLinear):
 
     def q_weight(self) -> torch.Tensor:
         """Return the int8 weight ``(out_features, in_features)``."""
-        self._check_format()
         sparse = packing.SparseWeight(self.row_ptr, self.group_idx, self.values)
-        return packing.unpack_sparse_int8_weight(sparse, self.out_features, self.in_features)
+        return packing.unpack_sparse_int8_weight(
+            sparse, self.out_features, self.in_features, owner=type(self).__name__, index_name="group_idx"
+        )
 
     def dense_weight(self) -> torch.Tensor:
         return self.q_weight().float() * self.weight_scale[:, None]

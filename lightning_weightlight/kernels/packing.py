@@ -123,8 +123,8 @@ def check_sparse_weight(
 ) -> None:
     """Raise ``ValueError`` unless ``sparse`` describes a weight ``(out_features, in_features)``.
 
-    ``values`` is ``(nblocks, C, R)``; ``row_ptr`` must run from 0 to ``nblocks`` without
-    decreasing and every block column index must lie below ``ceil(in_features / C)``. ``owner``
+    ``values`` is ``(nblocks, C, R)``. ``row_ptr`` must run from 0 to ``nblocks`` without
+    decreasing, and every block column index must lie below ``ceil(in_features / C)``. ``owner``
     and ``index_name`` name the caller and the index tensor in the message.
     """
     row_ptr, col_idx, values = sparse
@@ -134,7 +134,7 @@ def check_sparse_weight(
     block_rows = -(-out_features // r) if r else 0
     if row_ptr.dim() != 1 or row_ptr.numel() != block_rows + 1:
         raise ValueError(
-            f"{owner}: expected row_ptr to hold {block_rows + 1} entries for {out_features} outputs in "
+            f"{owner}: expected row_ptr to have {block_rows + 1} entries for {out_features} outputs in "
             f"blocks of {r}, but got shape {tuple(row_ptr.shape)}"
         )
     blocks = col_idx.numel()
@@ -166,12 +166,20 @@ def check_sparse_weight(
             )
 
 
-def unpack_sparse_weight(sparse: SparseWeight, out_features: int, in_features: int) -> torch.Tensor:
+def unpack_sparse_weight(
+    sparse: SparseWeight,
+    out_features: int,
+    in_features: int,
+    *,
+    owner: str = "unpack_sparse_weight",
+    index_name: str = "col_idx",
+) -> torch.Tensor:
     """Undo :func:`pack_sparse_weight`: the dense weight ``(N, K)``.
 
-    Raises ``ValueError`` when the format does not describe such a weight (see :func:`check_sparse_weight`).
+    Raises ``ValueError`` when the format does not describe such a weight. ``owner`` and
+    ``index_name`` go into its message, as in :func:`check_sparse_weight`.
     """
-    check_sparse_weight(sparse, out_features, in_features)
+    check_sparse_weight(sparse, out_features, in_features, owner=owner, index_name=index_name)
     row_ptr, col_idx, values = sparse
     c, r = values.shape[1], values.shape[2]
     block_rows = row_ptr.numel() - 1
@@ -197,15 +205,24 @@ def pack_sparse_int8_weight(q_weight: torch.Tensor) -> tuple[SparseWeight, torch
     return sparse, q_weight.sum(dim=1, dtype=torch.int32)
 
 
-def unpack_sparse_int8_weight(sparse: SparseWeight, out_features: int, in_features: int) -> torch.Tensor:
+def unpack_sparse_int8_weight(
+    sparse: SparseWeight,
+    out_features: int,
+    in_features: int,
+    *,
+    owner: str = "unpack_sparse_int8_weight",
+    index_name: str = "col_idx",
+) -> torch.Tensor:
     """Undo :func:`pack_sparse_int8_weight`: the int8 weight ``(N, K)``."""
     row_ptr, col_idx, values = sparse
     if values.dim() != 2 or values.shape[1] != 4:
-        raise ValueError(
-            f"unpack_sparse_int8_weight: expected values of shape (ngroups, 4), but got {tuple(values.shape)}"
-        )
+        raise ValueError(f"{owner}: expected values of shape (ngroups, 4), but got {tuple(values.shape)}")
     return unpack_sparse_weight(
-        SparseWeight(row_ptr, col_idx, values.reshape(-1, 4, 1)), out_features, in_features
+        SparseWeight(row_ptr, col_idx, values.reshape(-1, 4, 1)),
+        out_features,
+        in_features,
+        owner=owner,
+        index_name=index_name,
     )
 
 
