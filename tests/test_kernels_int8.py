@@ -80,6 +80,23 @@ def test_int8_linear_static_matches_reference(isa, shape):
     torch.testing.assert_close(out, expected, **FLOAT_TOL)
 
 
+@pytest.mark.parametrize(
+    "scale_dtype, zero_point_dtype",
+    [(torch.float64, torch.int64), (torch.float16, torch.float32), (torch.float32, torch.uint8)],
+)
+def test_int8_linear_static_scalars_of_any_dtype(scale_dtype, zero_point_dtype):
+    # float32 scales and int32 zero points are read directly; other dtypes are converted first.
+    q_w, w_scale, bias = make_layer(9, 20, seed=11)
+    packed = packing.pack_int8_weight(q_w)
+    x = torch.randn(3, 20, generator=torch.Generator().manual_seed(3))
+    static = (torch.tensor(0.03125), torch.tensor(121, dtype=torch.int32))
+    expected = ops.int8_linear(x, packed.packed, packed.sums, w_scale, bias, *static)
+    x_scale = torch.tensor([0.03125], dtype=scale_dtype)
+    x_zero_point = torch.tensor(121, dtype=zero_point_dtype)
+    out = ops.int8_linear(x, packed.packed, packed.sums, w_scale, bias, x_scale, x_zero_point)
+    assert torch.equal(out, expected)
+
+
 @pytest.mark.parametrize("zero_point", [0, 128, 255])
 def test_int8_linear_integer_accumulators_exact(isa, zero_point):
     # With unit scales and integer inputs, the output is the int32 accumulator itself.

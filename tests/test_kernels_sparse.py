@@ -12,7 +12,9 @@ import torch
 
 from lightning_weightlight.kernels import ops, packing, reference
 
-ISAS = ["avx512", "avx2", "scalar"]
+# "avx512-gathers" and "avx512-loads" run the AVX-512 kernels for one token both ways (set_gathers);
+# a CPU without AVX-512 runs its best set under both names.
+ISAS = ["avx512-gathers", "avx512-loads", "avx2", "scalar"]
 BLOCKS = list(packing.BLOCK_SHAPES)
 # (M, K, N): odd sizes, K not a multiple of 4 or 64, and every kernel's batch range: M = 1
 # (gathers and loads by index), 2 to 4 and 5 to 8 (two nonzeros or groups per vector; AVX2 splits
@@ -20,6 +22,7 @@ BLOCKS = list(packing.BLOCK_SHAPES)
 SHAPES = [
     (1, 7, 5),
     (1, 384, 96),
+    (1, 131, 40),
     (2, 33, 17),
     (4, 7, 5),
     (5, 70, 33),
@@ -34,9 +37,25 @@ FLOAT_TOL = {"rtol": 1e-5, "atol": 1e-5}
 
 @pytest.fixture(params=ISAS)
 def isa(request):
-    ops.set_isa(request.param)
+    name, _, reads = request.param.partition("-")
+    ops.set_isa(name)
+    ops.set_gathers("on" if reads == "gathers" else "off")
     yield request.param
     ops.set_isa("auto")
+    ops.set_gathers("auto")
+
+
+def test_set_gathers_default_follows_the_cpu_vendor():
+    with open("/proc/cpuinfo") as cpuinfo:
+        intel = "GenuineIntel" in cpuinfo.read()
+    try:
+        assert ops.set_gathers("off") == "off"
+        assert ops.set_gathers("on") == "on"
+        assert ops.set_gathers("auto") == ("on" if intel else "off")
+    finally:
+        ops.set_gathers("auto")
+    with pytest.raises(ValueError, match=r"set_gathers: expected one of .*, but got 'fast'"):
+        ops.set_gathers("fast")
 
 
 def pruned_weight(n, k, sparsity, block, seed):

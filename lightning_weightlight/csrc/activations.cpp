@@ -58,6 +58,12 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void quantize_static_avx512
 
 float scalar_value(const at::Tensor& t, const char* name, const char* op) {
   TORCH_CHECK(t.numel() == 1, op, ": expected ", name, " to have one element, but got shape ", t.sizes());
+  if (t.device().is_cpu() && t.scalar_type() == at::kFloat) {
+    return *t.const_data_ptr<float>();  // item() costs a dispatch, about 1 us
+  }
+  if (t.device().is_cpu() && t.scalar_type() == at::kInt) {
+    return static_cast<float>(*t.const_data_ptr<int32_t>());
+  }
   return t.to(at::kFloat).item<float>();
 }
 
@@ -112,14 +118,14 @@ QuantizedActivations quantize_activations(const at::Tensor& x, int64_t stride,
               "(dynamic), but got only one");
   const int64_t m = x.size(0);
   const int64_t k = x.size(1);
-  at::Tensor q = at::empty({m, stride}, x.options().dtype(at::kByte));
-  at::Tensor scale = at::empty({m}, x.options());
-  at::Tensor zero_point = at::empty({m}, x.options().dtype(at::kInt));
-
+  // q, then the scales and zero points, each starting on a 64-byte boundary.
+  const int64_t q_bytes = round_up(m * stride, 64);
+  const int64_t scale_bytes = round_up(m * 4, 64);
+  at::Tensor storage = at::empty({q_bytes + scale_bytes + m * 4}, x.options().dtype(at::kByte));
+  uint8_t* q_ptr = storage.mutable_data_ptr<uint8_t>();
+  float* scale_ptr = reinterpret_cast<float*>(q_ptr + q_bytes);
+  int32_t* zp_ptr = reinterpret_cast<int32_t*>(q_ptr + q_bytes + scale_bytes);
   const float* x_ptr = x.const_data_ptr<float>();
-  uint8_t* q_ptr = q.mutable_data_ptr<uint8_t>();
-  float* scale_ptr = scale.mutable_data_ptr<float>();
-  int32_t* zp_ptr = zero_point.mutable_data_ptr<int32_t>();
 
   const bool is_static = x_scale.has_value();
   float static_scale = 1.0f;
@@ -150,7 +156,7 @@ QuantizedActivations quantize_activations(const at::Tensor& x, int64_t stride,
       }
     }
   });
-  return {q, scale, zero_point};
+  return {storage, q_ptr, scale_ptr, zp_ptr};
 }
 
 }  // namespace weightlight

@@ -21,11 +21,13 @@ std::vector<int64_t> output_shape(const at::Tensor& x, int64_t n);
 const float* bias_data(const std::optional<at::Tensor>& bias, int64_t n, const char* op);
 
 // Activations quantized to uint8 in rows of `stride` bytes (bytes past K are zero), with one
-// scale and zero point per row.
+// scale and zero point per row. The three arrays share one allocation (each allocation costs
+// about 0.4 us, a share of a small layer's call).
 struct QuantizedActivations {
-  at::Tensor q;           // uint8 (M, stride)
-  at::Tensor scale;       // float32 (M,)
-  at::Tensor zero_point;  // int32 (M,)
+  at::Tensor storage;         // owns the arrays below
+  const uint8_t* q;           // (M, stride)
+  const float* scale;         // (M,)
+  const int32_t* zero_point;  // (M,)
 };
 
 // Quantize the rows of x (M, K): per row at run time when x_scale is empty, otherwise per

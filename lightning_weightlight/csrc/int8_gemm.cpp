@@ -633,10 +633,10 @@ at::Tensor int8_linear_cpu(const at::Tensor& x_in, const at::Tensor& w_packed, c
   const QuantizedActivations qa = quantize_activations(x, groups * 4, x_scale, x_zero_point, isa, op);
   at::Tensor out = at::empty({m, n}, x.options());
 
-  const Epilogue e{qa.scale.const_data_ptr<float>(), qa.zero_point.const_data_ptr<int32_t>(),
+  const Epilogue e{qa.scale, qa.zero_point,
                    w_sums.const_data_ptr<int32_t>(), w_scale.const_data_ptr<float>(), bias_ptr,
                    out.mutable_data_ptr<float>(), n};
-  const uint8_t* q_ptr = qa.q.const_data_ptr<uint8_t>();
+  const uint8_t* q_ptr = qa.q;
   const int8_t* w_ptr = w_packed.const_data_ptr<int8_t>();
   const int64_t ldx = groups * 4;
   const int64_t block_bytes = groups * 64;

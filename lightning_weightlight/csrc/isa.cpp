@@ -62,6 +62,16 @@ std::atomic<int>& isa_slot() {
   return slot;
 }
 
+bool default_gathers() {
+  __builtin_cpu_init();
+  return __builtin_cpu_is("intel") != 0;
+}
+
+std::atomic<bool>& gathers_slot() {
+  static std::atomic<bool> slot(default_gathers());
+  return slot;
+}
+
 }  // namespace
 
 Isa active_isa() { return static_cast<Isa>(isa_slot().load(std::memory_order_relaxed)); }
@@ -70,6 +80,16 @@ std::string set_isa(const std::string& name) {
   Isa isa = parse_isa(name, detect_cpu_isa());
   isa_slot().store(static_cast<int>(isa), std::memory_order_relaxed);
   return isa_name(isa);
+}
+
+bool use_gathers() { return gathers_slot().load(std::memory_order_relaxed); }
+
+std::string set_gathers(const std::string& mode) {
+  TORCH_CHECK(mode == "auto" || mode == "on" || mode == "off",
+              "set_gathers: expected one of 'auto', 'on', 'off', but got '", mode, "'");
+  const bool gathers = mode == "auto" ? default_gathers() : mode == "on";
+  gathers_slot().store(gathers, std::memory_order_relaxed);
+  return gathers ? "on" : "off";
 }
 
 const char* isa_name(Isa isa) {

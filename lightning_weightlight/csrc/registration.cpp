@@ -12,6 +12,7 @@ TORCH_LIBRARY(weightlight, m) {
 
   m.def("isa() -> str");
   m.def("set_isa(str name) -> str");
+  m.def("set_gathers(str mode) -> str");
   m.def("quantize_per_row(Tensor x) -> (Tensor q, Tensor scale, Tensor zero_point)");
   // x (..., K) float32 -> (..., N) float32. Static activation quantization when x_scale and
   // x_zero_point are given (one-element tensors), dynamic per-row quantization otherwise.
@@ -34,9 +35,12 @@ std::string isa_op() { return weightlight::isa_name(weightlight::active_isa()); 
 
 std::string set_isa_op(const std::string& name) { return weightlight::set_isa(name); }
 
+std::string set_gathers_op(const std::string& mode) { return weightlight::set_gathers(mode); }
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(weightlight, CompositeExplicitAutograd, m) {
   m.impl("isa", isa_op);
   m.impl("set_isa", set_isa_op);
+  m.impl("set_gathers", set_gathers_op);
 }

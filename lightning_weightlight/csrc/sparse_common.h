@@ -44,4 +44,25 @@ __attribute__((target("avx2"))) inline bool indices_below_avx2(const uint16_t* i
   return top < limit;
 }
 
+// Store the first `count` lanes of v (at most 8) to out[0], out[stride], out[2 * stride], ...
+// On AMD Zen 4, one scalar store per lane made the AVX-512 kernels for 2 to 128 tokens 3-10%
+// faster than vscatterdps.
+__attribute__((target("avx"))) inline void store_lanes_strided(__m256 v, float* out, int64_t stride, int64_t count) {
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, v);
+  for (int64_t t = 0; t < count && t < 8; ++t) {
+    out[t * stride] = lanes[t];
+  }
+}
+
+// The same for the 16 lanes of an AVX-512 vector.
+__attribute__((target("avx512f"))) inline void store_lanes_strided(__m512 v, float* out, int64_t stride,
+                                                                    int64_t count) {
+  alignas(64) float lanes[16];
+  _mm512_store_ps(lanes, v);
+  for (int64_t t = 0; t < count && t < 16; ++t) {
+    out[t * stride] = lanes[t];
+  }
+}
+
 }  // namespace weightlight

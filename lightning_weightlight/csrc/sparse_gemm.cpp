@@ -10,10 +10,11 @@
 // The activations are repacked into chunks of `width` tokens, (chunks, K_pad, width), so that
 // one block entry multiplies a vector of 16 or 32 tokens (AVX-512) or 8 or 16 (AVX2), and one
 // chunk (K_pad * width floats) stays in cache while every block row passes over it. With a
-// single token the kernels read inputs by index instead (width 1). For unstructured weights at
-// 2 to 8 tokens the AVX-512 kernel uses one chunk of 8 tokens and puts two nonzeros in a vector.
-// AVX2 does the same with chunks of 4 tokens at 2 to 4 tokens. At 5 to 8 it uses one nonzero per
-// vector.
+// single token the kernels read inputs by index instead (width 1): AVX-512 with gathers on Intel
+// CPUs, and with the AVX2 kernels' scalar loads elsewhere (isa.h, use_gathers). For unstructured
+// weights at 2 to 8 tokens the AVX-512 kernel uses one chunk of 8 tokens and puts two nonzeros in
+// a vector. AVX2 does the same with chunks of 4 tokens at 2 to 4 tokens. At 5 to 8 it uses one
+// nonzero per vector.
 // Each output is summed by one thread in a fixed order, whatever the thread count.
 #include <immintrin.h>
 
@@ -284,11 +285,7 @@ __attribute__((target("avx2,fma"))) void octet_row_avx2(const SparseArgs& a, int
     acc[0] = _mm256_fmadd_ps(_mm256_broadcast_ss(vals + b), _mm256_loadu_ps(x + idx[b] * 8), acc[0]);
   }
   const __m256 sum = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
-  alignas(32) float lanes[8];
-  _mm256_store_ps(lanes, _mm256_add_ps(sum, _mm256_set1_ps(bias_at(a, n))));
-  for (int64_t t = 0; t < a.m; ++t) {
-    a.out[t * a.n + n] = lanes[t];
-  }
+  store_lanes_strided(_mm256_add_ps(sum, _mm256_set1_ps(bias_at(a, n))), a.out + n, a.n, a.m);
 }
 
 // 1x4 blocks at M = 1 on AVX2: one vector carries the 4 inputs of two blocks, loaded directly.
@@ -400,8 +397,6 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void block_row_avx512(const
     }
   }
   const int64_t m0 = chunk * kWidth;
-  const __m512i offsets = _mm512_mullo_epi32(
-      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32(a.n));
   for (int r = 0; r < rows; ++r) {
     const __m512 bias = _mm512_set1_ps(bias_at(a, n0 + r));
     #pragma GCC unroll 16
@@ -410,8 +405,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void block_row_avx512(const
       for (int set = 1; set < S; ++set) {
         sum = _mm512_add_ps(sum, acc[set][r][v]);
       }
-      const __mmask16 mask = tail_mask_avx512(a.m - m0 - 16 * v);
-      _mm512_mask_i32scatter_ps(a.out + (m0 + 16 * v) * a.n + n0 + r, mask, offsets, _mm512_add_ps(sum, bias), 4);
+      store_lanes_strided(_mm512_add_ps(sum, bias), a.out + (m0 + 16 * v) * a.n + n0 + r, a.n, a.m - m0 - 16 * v);
     }
   }
 }
@@ -432,7 +426,8 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m512i gather_indic
   }
 }
 
-// Unstructured and 1x4 blocks at M = 1: gather 16 inputs per step, two accumulators in turn.
+// Unstructured and 1x4 blocks at M = 1 where gathers are fast (use_gathers(); otherwise the AVX2
+// kernels above run): gather 16 inputs per step, two accumulators in turn.
 // Each gather reads only the lanes whose input index is below K_pad, and an index out of range
 // sets a.index_out_of_range, so the operator can skip its own scan of the indices.
 template <int R, int C>
@@ -540,9 +535,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma"))) void pair_row_
     tokens = _mm256_fmadd_ps(_mm256_set1_ps(vals[b]), _mm256_loadu_ps(x + idx[b] * 8), tokens);
   }
   tokens = _mm256_add_ps(tokens, _mm256_set1_ps(bias_at(a, n)));
-  const __m256i offsets = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
-                                             _mm256_set1_epi32(static_cast<int32_t>(a.n)));
-  _mm256_mask_i32scatter_ps(a.out + n, static_cast<__mmask8>(tail_mask_avx512(a.m)), offsets, tokens, 4);
+  store_lanes_strided(tokens, a.out + n, a.n, a.m);
 }
 
 // Column blocks (R > 1) at M = 1: each input feeds R outputs, held in the lanes of one vector.
@@ -596,6 +589,9 @@ template <int R, int C>
 KernelChoice avx512_kernel(int64_t m) {
   if (m == 1) {
     if constexpr (R == 1) {
+      if (!use_gathers()) {
+        return {C == 1 ? single_row_avx2 : single_row_quads_avx2, 1, true};
+      }
       return {single_row_gather_avx512<R, C>, 1, true};
     } else {
       return {single_row_blocks_avx512<R, C>, 1};

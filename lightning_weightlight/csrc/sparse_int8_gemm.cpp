@@ -11,7 +11,8 @@
 // With several tokens the uint8 activations are repacked into chunks of `width` tokens,
 // (chunks, K_pad / 4, width) words of 4 inputs, and one group multiplies a vector of 16 or
 // more tokens (AVX-512) or 8 or 16 (AVX2). With a single token the AVX-512 kernel gathers 16
-// groups' inputs at a time, and the AVX2 kernel loads 8 by index. With 2 to 8 tokens AVX-512 puts
+// groups' inputs at a time on Intel CPUs, and loads 8 by index elsewhere, as the AVX2 kernel does
+// (isa.h, use_gathers). With 2 to 8 tokens AVX-512 puts
 // two groups of 8 tokens in one vector. AVX2 puts two groups of 4 tokens in one at 2 to 4 tokens.
 #include <immintrin.h>
 
@@ -267,8 +268,6 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void row_avx512(
       acc0[v] = _mm512_dpbusd_epi32(acc0[v], _mm512_loadu_si512(x0 + 16 * v), w0);
     }
   }
-  const __m512i offsets = _mm512_mullo_epi32(
-      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32(a.n));
   const __m512 w_scale = _mm512_set1_ps(a.w_scale[n]);
   const __m512i w_sum = _mm512_set1_epi32(a.w_sums[n]);
   const __m512 bias = _mm512_set1_ps(a.bias == nullptr ? 0.0f : a.bias[n]);
@@ -280,11 +279,12 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void row_avx512(
     const __m512 xs = _mm512_maskz_loadu_ps(mask, a.x_scale + m);
     __m512i centered = _mm512_sub_epi32(_mm512_add_epi32(acc0[v], acc1[v]), _mm512_mullo_epi32(zp, w_sum));
     __m512 y = _mm512_mul_ps(_mm512_cvtepi32_ps(centered), _mm512_mul_ps(xs, w_scale));
-    _mm512_mask_i32scatter_ps(a.out + m * a.n + n, mask, offsets, _mm512_add_ps(y, bias), 4);
+    store_lanes_strided(_mm512_add_ps(y, bias), a.out + m * a.n + n, a.n, a.m - m);
   }
 }
 
-// One token: gather the activation words of 16 groups and multiply them with 16 weight words.
+// One token where gathers are fast (use_gathers()): gather the activation words of 16 groups and
+// multiply them with 16 weight words.
 // Each gather reads only the lanes whose group index is below the group count, and an index out
 // of range sets a.index_out_of_range, so the operator can skip its own scan of the indices.
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void single_row_avx512(const SparseInt8Args& a,
@@ -322,6 +322,49 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void single_row_
     a.index_out_of_range->store(true, std::memory_order_relaxed);
   }
   a.out[n] = dequantize(a, _mm512_reduce_add_epi32(_mm512_add_epi32(acc0, acc1)), 0, n);
+}
+
+// One token where gathers are slow (use_gathers() is false): vectors of 8 activation words built
+// from scalar loads, as on AVX2, multiplied with vpdpbusd. The row's indices are checked first.
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void single_row_loads_avx512(const SparseInt8Args& a,
+                                                                                            int64_t n, int64_t) {
+  const int32_t begin = a.row_ptr[n];
+  const int64_t count = a.row_ptr[n + 1] - begin;
+  const uint16_t* idx = a.group_idx + begin;
+  const int32_t* vals = a.values + begin;
+  const int32_t* x = a.xw;
+  if (!indices_below_avx2(idx, count, a.groups)) {
+    a.index_out_of_range->store(true, std::memory_order_relaxed);
+    return;
+  }
+
+  __m256i acc0 = _mm256_setzero_si256();
+  __m256i acc1 = _mm256_setzero_si256();
+  int64_t i = 0;
+  for (; i + 16 <= count; i += 16) {
+    const __m256i x0 = _mm256_set_m128i(four_words(x, idx + i + 4), four_words(x, idx + i));
+    const __m256i x1 = _mm256_set_m128i(four_words(x, idx + i + 12), four_words(x, idx + i + 8));
+    acc0 = _mm256_dpbusd_epi32(acc0, x0, eight_words(vals + i));
+    acc1 = _mm256_dpbusd_epi32(acc1, x1, eight_words(vals + i + 8));
+  }
+  if (i + 8 <= count) {
+    const __m256i x0 = _mm256_set_m128i(four_words(x, idx + i + 4), four_words(x, idx + i));
+    acc0 = _mm256_dpbusd_epi32(acc0, x0, eight_words(vals + i));
+    i += 8;
+  }
+  const __m256i sum8 = _mm256_add_epi32(acc0, acc1);
+  __m128i sum4 = _mm_add_epi32(_mm256_castsi256_si128(sum8), _mm256_extracti128_si256(sum8, 1));
+  if (i + 4 <= count) {
+    const __m128i four_weights = _mm_loadu_si128(reinterpret_cast<const __m128i*>(vals + i));
+    sum4 = _mm_dpbusd_epi32(sum4, four_words(x, idx + i), four_weights);
+    i += 4;
+  }
+  sum4 = _mm_add_epi32(sum4, _mm_unpackhi_epi64(sum4, sum4));
+  uint32_t sum = static_cast<uint32_t>(_mm_cvtsi128_si32(sum4)) + static_cast<uint32_t>(_mm_extract_epi32(sum4, 1));
+  for (; i < count; ++i) {
+    sum += group_dot(a.q + static_cast<int64_t>(idx[i]) * 4, vals + i);
+  }
+  a.out[n] = dequantize(a, static_cast<int32_t>(sum), 0, n);
 }
 
 // Write the words of q (M, K_pad) into xw (chunks, K_pad / 4, width): token t is lane t % width
@@ -400,9 +443,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void pair_row_av
   if (a.bias != nullptr) {
     y = _mm256_add_ps(y, _mm256_set1_ps(a.bias[n]));
   }
-  const __m256i offsets = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
-                                             _mm256_set1_epi32(static_cast<int32_t>(a.n)));
-  _mm256_mask_i32scatter_ps(a.out + n, lanes, offsets, y, 4);
+  store_lanes_strided(y, a.out + n, a.n, a.m);
 }
 
 at::Tensor sparse_int8_linear_cpu(const at::Tensor& x_in, const at::Tensor& row_ptr, const at::Tensor& group_idx,
@@ -434,7 +475,7 @@ at::Tensor sparse_int8_linear_cpu(const at::Tensor& x_in, const at::Tensor& row_
   int64_t width = 1;  // the scalar kernel and the single-token kernel read the rows of q
   if (has_avx512(isa)) {
     if (m == 1) {
-      kernel = single_row_avx512;
+      kernel = use_gathers() ? single_row_avx512 : single_row_loads_avx512;
     } else if (m <= 8) {
       kernel = pair_row_avx512;
       width = 8;
@@ -458,12 +499,13 @@ at::Tensor sparse_int8_linear_cpu(const at::Tensor& x_in, const at::Tensor& row_
   }
   // The kernels for one token, and the AVX2 kernel for 2 to 4, check the group indices themselves.
   const bool kernel_checks_indices =
-      kernel == single_row_avx512 || kernel == single_row_avx2 || kernel == pair_row_avx2;
+      kernel == single_row_avx512 || kernel == single_row_loads_avx512 || kernel == single_row_avx2 ||
+      kernel == pair_row_avx2;
   check_block_rows(row_ptr, group_idx, n, groups, op, !(kernel_checks_indices && m > 0), "group_idx");
   const float* bias_ptr = bias_data(bias, n, op);
 
   const QuantizedActivations qa = quantize_activations(x, k_pad, x_scale, x_zero_point, isa, op);
-  const uint8_t* q_ptr = qa.q.const_data_ptr<uint8_t>();
+  const uint8_t* q_ptr = qa.q;
 
   const int64_t chunks = (m + width - 1) / width;
   at::Tensor xw;
@@ -482,8 +524,8 @@ at::Tensor sparse_int8_linear_cpu(const at::Tensor& x_in, const at::Tensor& row_
                             xw_ptr,
                             q_ptr,
                             k_pad,
-                            qa.scale.const_data_ptr<float>(),
-                            qa.zero_point.const_data_ptr<int32_t>(),
+                            qa.scale,
+                            qa.zero_point,
                             w_sums.const_data_ptr<int32_t>(),
                             w_scale.const_data_ptr<float>(),
                             bias_ptr,

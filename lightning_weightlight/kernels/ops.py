@@ -52,6 +52,24 @@ def set_isa(name: str) -> str:
     return torch.ops.weightlight.set_isa(name)
 
 
+def set_gathers(mode: str) -> str:
+    """Choose how the AVX-512 sparse kernels read the inputs of one token; return ``"on"`` or ``"off"``.
+
+    ``"on"`` gathers 16 inputs per instruction (``vgatherdps``, ``vpgatherdd``), ``"off"`` loads
+    them one by one into vectors of 8, as the AVX2 kernels do, and ``"auto"`` restores the default:
+    gathers on Intel CPUs, loads elsewhere (on AMD Zen 4 the loads were 1.3-2x faster). Only
+    ``SparseLinear`` (unstructured and 1x4) and ``SparseInt8Linear`` at M = 1 under the ``avx512``
+    or ``amx`` instruction set use this setting. The sums are added in a different order, so the
+    outputs of the two settings may differ in the last bits.
+    """
+    allowed = ("auto", "on", "off")
+    if mode not in allowed:
+        raise ValueError(f"set_gathers: expected one of {allowed}, but got {mode!r}")
+    if not _loader.HAS_CPP:
+        return "off"
+    return torch.ops.weightlight.set_gathers(mode)
+
+
 def quantize_per_row(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Quantize each row of a 2-D float32 tensor to uint8: ``(q, scale, zero_point)``.
 
