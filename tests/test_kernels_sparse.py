@@ -244,6 +244,21 @@ def test_sparse_int8_linear_integer_accumulators_exact(isa, m):
     assert torch.equal(out, expected.float())
 
 
+@pytest.mark.parametrize("block", ["unstructured", "1x4"])
+def test_sparse_int8_linear_equal_with_and_without_gathers(block):
+    # Exact integer sums: gathering the inputs or loading them one by one gives the same outputs.
+    _, w_scale, sparse, sums = sparse_int8_layer(90, 301, 0.8, block, seed=12)
+    x = torch.randn(1, 301, generator=torch.Generator().manual_seed(13))
+    try:
+        ops.set_gathers("on")
+        gathered = ops.sparse_int8_linear(x, *sparse, sums, w_scale)
+        ops.set_gathers("off")
+        loaded = ops.sparse_int8_linear(x, *sparse, sums, w_scale)
+    finally:
+        ops.set_gathers("auto")
+    assert torch.equal(gathered, loaded)
+
+
 @pytest.mark.parametrize("m", [1, 3, 70])
 def test_sparse_int8_linear_thread_count_independent(isa, m):
     _, w_scale, sparse, sums = sparse_int8_layer(150, 130, 0.9, "1x4", seed=8)

@@ -23,7 +23,7 @@ const char* isa_name(Isa isa);
 
 // Whether the AVX-512 kernels for one token gather their inputs with vgatherdps / vpgatherdd.
 // Otherwise they build input vectors from scalar loads, as the AVX2 kernels do. The default is
-// gathers on Intel CPUs and scalar loads on others. On AMD Zen 4, scalar loads were 1.3-2x faster.
+// gathers on Intel CPUs and scalar loads on others. On AMD Zen 4, scalar loads were 1.2-3x faster.
 bool use_gathers();
 
 // "on", "off" or "auto" (the CPU's default); returns "on" or "off", the setting in effect.

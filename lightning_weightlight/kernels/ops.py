@@ -53,14 +53,15 @@ def set_isa(name: str) -> str:
 
 
 def set_gathers(mode: str) -> str:
-    """Choose how the AVX-512 sparse kernels read the inputs of one token; return ``"on"`` or ``"off"``.
+    """Choose how the AVX-512 sparse kernels read the inputs of a single row; return ``"on"`` or ``"off"``.
 
-    ``"on"`` gathers 16 inputs per instruction (``vgatherdps``, ``vpgatherdd``), ``"off"`` loads
-    them one by one into vectors of 8, as the AVX2 kernels do, and ``"auto"`` restores the default:
-    gathers on Intel CPUs, loads elsewhere (on AMD Zen 4 the loads were 1.3-2x faster). Only
-    ``SparseLinear`` (unstructured and 1x4) and ``SparseInt8Linear`` at M = 1 under the ``avx512``
-    or ``amx`` instruction set use this setting. The sums are added in a different order, so the
-    outputs of the two settings may differ in the last bits.
+    ``"on"`` gathers 16 inputs per instruction (``vgatherdps``, ``vpgatherdd``). ``"off"`` loads
+    them one by one into vectors of 8, as the AVX2 kernels do. ``"auto"`` restores the default,
+    which is gathers on Intel CPUs and loads elsewhere (on AMD Zen 4 the loads were 1.2-3x
+    faster). Only ``SparseLinear`` (unstructured and 1x4) and ``SparseInt8Linear`` called with
+    one row, under the ``avx512`` or ``amx`` instruction set, use this setting.
+    ``SparseInt8Linear`` gives the same outputs either way. ``SparseLinear`` adds its products in
+    another order, so its outputs may differ in the last bits.
     """
     allowed = ("auto", "on", "off")
     if mode not in allowed:
