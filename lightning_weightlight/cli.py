@@ -139,15 +139,12 @@ def run_compression_command(command: str, args: list[str]) -> object:
     from lightning_weightlight.report import CompressionReport
 
     options, rest = _compression_parser(command).parse_known_args(args)
-    cli = (
-        _build_cli([*rest, "--trainer.logger=false", "--trainer.enable_progress_bar=false"])
-        if False
-        else None
-    )
+    # The trainer only restores the checkpoint and validates, so it writes no logs (the last
+    # --trainer.logger wins over the config's).
     cli = WeightlightCLI(
         subclass_mode_model=True,
         subclass_mode_data=True,
-        args=rest,
+        args=[*rest, "--trainer.logger=false"],
         run=False,
         save_config_callback=None,
         auto_configure_optimizers=False,

@@ -64,19 +64,23 @@ def test_report_callback_from_yaml(qat_run):
     assert (root / "artifacts" / "quantization_example_cli" / "qat_cnn.safetensors").is_file()
 
 
-def test_compress_command_restores_qat_checkpoint(qat_run, python_executable):
+def test_compress_command_restores_qat_checkpoint(qat_run, python_executable, tmp_path):
     root, config, _ = qat_run
     checkpoint = next(root.rglob("last.ckpt"))
-    output = root / "cli" / "model.safetensors"
+    output = tmp_path / "cli" / "model.safetensors"
 
     result = run_cli(
         python_executable,
         ["compress", "--config", str(config), f"--ckpt_path={checkpoint}", f"--output={output}", *QUICK],
-        cwd=root,
+        cwd=tmp_path,
     )
 
     assert result.returncode == 0, result.stderr[-4000:]
     assert "Saved the compressed model" in result.stdout
+    # Only the output file: the validation that restores the checkpoint writes no logs.
+    assert [path.relative_to(tmp_path) for path in tmp_path.rglob("*") if path.is_file()] == [
+        Path("cli/model.safetensors")
+    ]
     assert read_metadata(output)["user"] == {"checkpoint": str(checkpoint)}
     model = load_compressed(output)
     assert type(model.classifier[0]) is layers.Int8Linear
