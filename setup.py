@@ -10,7 +10,10 @@ CSRC = os.path.join("lightning_weightlight", "csrc")
 
 # The kernels pick AVX-512 VNNI, AVX2 or scalar code at run time through function target
 # attributes, so the library itself is built for the baseline x86-64 instruction set.
-extra_compile_args = ["-O3", "-fopenmp", "-std=c++20", "-Wall", "-Wno-unknown-pragmas"]
+# -ffp-contract=off keeps GCC from fusing a multiply and an add into one FMA where the FMA
+# instruction set is enabled: the int8 epilogues then round as the scalar code and the
+# reference do, on every instruction set. The kernels' own FMAs are explicit intrinsics.
+extra_compile_args = ["-O3", "-fopenmp", "-std=c++20", "-ffp-contract=off", "-Wall", "-Wno-unknown-pragmas"]
 
 setup(
     ext_modules=[

@@ -241,22 +241,31 @@ def test_failed_write_keeps_old_file(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
 
 
-def test_invalid_sparse_index_rejected_with_path(tmp_path):
-    # The digest is valid, but the stored index is out of range: the deploy module's load check
-    # must surface as CompressedFileError naming the file.
+def test_invalid_sparse_index_rejected_with_path(tmp_path, monkeypatch):
+    from lightning_weightlight.export import serialization
     from lightning_weightlight.kernels import SparseLinear
 
     linear = nn.Linear(16, 4)
     with torch.no_grad():
         linear.weight.mul_(torch.arange(64).reshape(4, 16) % 2)
-    model = nn.Sequential(SparseLinear.from_dense(linear))
-    model[0].col_idx[0] = 16
+    model = nn.Sequential(nn.ReLU(), SparseLinear.from_dense(linear))
+    model[1].col_idx[0] = 16
     path = tmp_path / "bad.safetensors"
+
+    # save_compressed checks the deploy layers first and writes nothing for a damaged one.
+    with pytest.raises(ValueError, match=r"save_compressed: layer '1' does not form a valid layer.* 16"):
+        save_compressed(model, path)
+    assert not path.exists()
+
+    # A file written without that check (an older version) has a valid digest but an index out of
+    # range: the load names the file and the layer.
+    monkeypatch.setattr(serialization, "_invalid_deploy_layer", lambda model: None)
     save_compressed(model, path)
+    monkeypatch.undo()
     with pytest.raises(
-        CompressedFileError, match=r"bad\.safetensors: the stored tensors do not form a valid layer"
+        CompressedFileError, match=r"bad\.safetensors: the stored tensors of layer '1' do not form a valid"
     ):
-        load_compressed(path, model=nn.Sequential(nn.Linear(16, 4)))
+        load_compressed(path, model=nn.Sequential(nn.ReLU(), nn.Linear(16, 4)))
 
 
 def test_header_length_beyond_file_rejected(tmp_path):

@@ -247,8 +247,14 @@ def test_int8_linear_rejects_bad_arguments():
     packed = packing.pack_int8_weight(q_w)
     with pytest.raises(RuntimeError, match="last dimension is K = 20"):
         ops.int8_linear(torch.randn(2, 20), packed.packed, packed.sums, w_scale, bias)
-    with pytest.raises(RuntimeError, match="float32"):
+    with pytest.raises(
+        RuntimeError, match=r"expected a float32 input, but got Double; convert it with \.float\(\)"
+    ):
         ops.int8_linear(torch.randn(2, 12).double(), packed.packed, packed.sums, w_scale, bias)
+    # The operator itself rejects names that the Python set_isa rejects first.
+    for name in ("", "bogus"):
+        with pytest.raises(RuntimeError, match=f"set_isa: expected one of .*, but got '{name}'"):
+            torch.ops.weightlight.set_isa(name)
     with pytest.raises(RuntimeError, match="bias"):
         ops.int8_linear(torch.randn(2, 12), packed.packed, packed.sums, w_scale, torch.zeros(3))
     with pytest.raises(RuntimeError, match="both"):

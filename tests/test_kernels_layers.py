@@ -166,6 +166,47 @@ def test_from_float_rejects_bad_arguments():
         SparseInt8Linear.from_float(nn.Linear(4, 4), input_scale=0.1, input_zero_point=256)
     with pytest.raises(ValueError, match="block"):
         SparseLinear.from_dense(nn.Linear(4, 4), block="2x2")
+    for cls in (Int8Linear, SparseInt8Linear):
+        with pytest.raises(ValueError, match="input_scale: expected a positive finite float, but got inf"):
+            cls.from_float(nn.Linear(4, 4), input_scale=float("inf"), input_zero_point=0)
+        with pytest.raises(
+            ValueError, match=r"input_zero_point: expected an integer in \[0, 255\], but got 1\.5"
+        ):
+            cls.from_float(nn.Linear(4, 4), input_scale=0.1, input_zero_point=1.5)
+        with pytest.raises(
+            ValueError, match="weight_scale: expected positive finite scales, but channel 2 has inf"
+        ):
+            cls.from_float(nn.Linear(4, 4), weight_scale=torch.tensor([0.1, 0.1, float("inf"), 0.1]))
+    # An integral float zero point is accepted as that integer.
+    module = Int8Linear.from_float(nn.Linear(4, 4), input_scale=0.1, input_zero_point=7.0)
+    assert module.input_zero_point.item() == 7
+
+
+@pytest.mark.parametrize("module_index", [0, 1, 3])
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("weight_scale", 0.0, r"weight_scale\[1\] is 0.0"),
+        ("weight_scale", -0.5, r"weight_scale\[1\] is -0.5"),
+        ("weight_scale", float("nan"), r"weight_scale\[1\] is nan"),
+        ("input_scale", float("inf"), "a positive finite input_scale, but got inf"),
+        ("input_zero_point", 300, r"an input_zero_point in \[0, 255\], but got 300"),
+    ],
+)
+def test_int8_modules_reject_invalid_loaded_scales(module_index, key, value, message):
+    # The scales from_float checks are checked again when a state dict loads.
+    linear = pruned_linear()
+    module = build_all(linear)[module_index]
+    if key != "weight_scale":
+        module = type(module).from_float(linear, **STATIC)
+    state = {name: tensor.clone() for name, tensor in module.state_dict().items()}
+    if key == "weight_scale":
+        state[key][1] = value
+    else:
+        state[key] = torch.tensor(value, dtype=state[key].dtype)
+    rebuilt = type(module).from_config(module.extra_config())
+    with pytest.raises(ValueError, match=f"{type(module).__name__}: expected .*{message}"):
+        rebuilt.load_state_dict(state)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,6 +287,18 @@ def test_deploy_conv2d_rejects_wrong_channels(build, channels):
     module = build(pruned_conv())
     with pytest.raises(ValueError, match=r"in_channels = 3, but got shape \(1, " + str(channels)):
         module(torch.randn(1, channels, 8, 8))
+
+
+@pytest.mark.parametrize(
+    "build", [Int8Conv2d.from_float, SparseConv2d.from_dense, SparseInt8Conv2d.from_float]
+)
+def test_deploy_conv2d_rejects_input_smaller_than_kernel(build):
+    module = build(pruned_conv(dilation=2))  # a 3x3 kernel with dilation 2 spans 5x5
+    assert module(torch.randn(1, 3, 5, 5)).shape == (1, 10, 1, 1)
+    with pytest.raises(
+        ValueError, match=r"kernel's extent 5x5 after padding \(0, 0\), but got height x width 4x9"
+    ):
+        module(torch.randn(1, 3, 4, 9))
 
 
 def test_deploy_conv2d_without_outputs():
@@ -421,6 +474,27 @@ def test_deploy_modules_export():
     exported = torch.export.export(model, (x,))
     assert OUR_OPS <= graph_ops(exported.graph)
     assert torch.equal(exported.module()(x), model(x))
+
+
+ROOT_MODULES = {
+    "Int8Linear": lambda bias: Int8Linear.from_float(pruned_linear(bias=bias)),
+    "Int8Linear static": lambda bias: Int8Linear.from_float(pruned_linear(bias=bias), **STATIC),
+    "SparseLinear": lambda bias: SparseLinear.from_dense(pruned_linear(bias=bias)),
+    "SparseInt8Linear": lambda bias: SparseInt8Linear.from_float(pruned_linear(bias=bias)),
+    "Int8Conv2d": lambda bias: Int8Conv2d.from_float(pruned_conv(bias=bias)),
+    "SparseConv2d": lambda bias: SparseConv2d.from_dense(pruned_conv(bias=bias)),
+    "SparseInt8Conv2d": lambda bias: SparseInt8Conv2d.from_float(pruned_conv(bias=bias)),
+}
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("name", list(ROOT_MODULES))
+def test_deploy_module_exports_as_root(name, bias):
+    # Exported on its own, so that the module's buffers, None ones included, are the program's.
+    module = ROOT_MODULES[name](bias)
+    x = torch.randn(3, 40) if "Linear" in name else torch.randn(2, 3, 7, 7)
+    exported = torch.export.export(module, (x,))
+    assert torch.equal(exported.module()(x), module(x))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -244,6 +244,26 @@ def test_sparse_int8_linear_integer_accumulators_exact(isa, m):
     assert torch.equal(out, expected.float())
 
 
+@pytest.mark.parametrize("m", [1, 3, 8, 16, 40, 70])
+def test_sparse_int8_linear_bits_equal_int8_linear(isa, m):
+    # The same int8 weight gives the same bits sparse or dense, and as the reference: exact integer
+    # sums, then a multiply and an add that the build never fuses into an FMA.
+    q_w, w_scale, sparse, sums = sparse_int8_layer(50, 131, 0.7, "unstructured", seed=m)
+    packed = packing.pack_int8_weight(q_w)
+    bias = torch.randn(50, generator=torch.Generator().manual_seed(14))
+    x = torch.randn(m, 131, generator=torch.Generator().manual_seed(15)) * 2.0
+    static = (torch.tensor(0.02), torch.tensor(130, dtype=torch.int32))
+    for quantization in [(), static]:
+        out = ops.sparse_int8_linear(x, *sparse, sums, w_scale, bias, *quantization)
+        dense = ops.int8_linear(x, packed.packed, packed.sums, w_scale, bias, *quantization)
+        if quantization:
+            expected = reference.static_int8_linear(x, q_w, w_scale, *static, bias)
+        else:
+            expected = reference.dynamic_int8_linear(x, q_w, w_scale, bias)
+        assert torch.equal(out, dense)
+        assert torch.equal(out, expected)
+
+
 @pytest.mark.parametrize("block", ["unstructured", "1x4"])
 def test_sparse_int8_linear_equal_with_and_without_gathers(block):
     # Exact integer sums: gathering the inputs or loading them one by one gives the same outputs.

@@ -96,3 +96,21 @@ def test_jit_build_concurrent_and_after_kill(python_executable, tmp_path: Path):
         assert "HAS_CPP True" in stdout
         assert "WARNINGS 0" in stdout
         assert "MATCH True" in stdout
+
+
+@pytest.mark.parametrize("value, works", [("bogus", False), ("", True), ("avx2", True)])
+def test_weightlight_isa_variable_checked_at_import(python_executable, value, works):
+    script = "from lightning_weightlight.kernels import active_isa; print(active_isa())"
+    env = {**os.environ, "WEIGHTLIGHT_ISA": value, "WEIGHTLIGHT_REQUIRE_CPP": "1"}
+    result = subprocess.run(
+        [python_executable, "-c", script], env=env, capture_output=True, text=True, timeout=120, check=False
+    )
+    if works:
+        assert result.returncode == 0, result.stderr
+        # An empty value means "auto"; "avx2" is a cap, so a CPU without AVX2 runs scalar code.
+        allowed = ("avx2", "scalar") if value == "avx2" else ("amx", "avx512", "avx2", "scalar")
+        assert result.stdout.strip() in allowed
+    else:
+        assert result.returncode != 0
+        assert "WEIGHTLIGHT_ISA: expected one of" in result.stderr
+        assert "but got 'bogus'; unset it or use one of these" in result.stderr

@@ -81,7 +81,8 @@ void quantize_row_static(const float* x, int64_t k, float scale, int32_t zero_po
 }
 
 at::Tensor rows_of(const at::Tensor& x, int64_t k, const char* op) {
-  TORCH_CHECK(x.scalar_type() == at::kFloat, op, ": expected a float32 input, but got ", x.scalar_type());
+  TORCH_CHECK(x.scalar_type() == at::kFloat, op, ": expected a float32 input, but got ", x.scalar_type(),
+              "; convert it with .float()");
   TORCH_CHECK(x.dim() >= 1, op, ": expected an input with at least 1 dimension, but got a 0-dim tensor");
   TORCH_CHECK(x.size(-1) == k, op, ": expected the last dimension of the input to be ", k,
               " (in_features), but got shape ", x.sizes());

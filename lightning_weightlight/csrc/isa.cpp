@@ -33,8 +33,9 @@ Isa detect_cpu_isa() {
   return Isa::kScalar;
 }
 
-Isa parse_isa(const std::string& name, Isa best) {
-  if (name.empty() || name == "auto") {
+// `source` names where the value came from (the environment variable or set_isa) in the error.
+Isa parse_isa(const std::string& name, Isa best, const char* source) {
+  if (name == "auto") {
     return best;
   }
   Isa requested;
@@ -47,8 +48,8 @@ Isa parse_isa(const std::string& name, Isa best) {
   } else if (name == "amx") {
     requested = Isa::kAmx;
   } else {
-    TORCH_CHECK(false, "WEIGHTLIGHT_ISA: expected one of 'auto', 'scalar', 'avx2', 'avx512', 'amx', but got '",
-                name, "'");
+    TORCH_CHECK(false, source, ": expected one of 'auto', 'scalar', 'avx2', 'avx512', 'amx', but got '", name,
+                "'");
   }
   // A request above what the CPU supports falls back to the best supported set.
   return static_cast<int>(requested) < static_cast<int>(best) ? requested : best;
@@ -56,8 +57,11 @@ Isa parse_isa(const std::string& name, Isa best) {
 
 std::atomic<int>& isa_slot() {
   static std::atomic<int> slot([] {
+    // An unset or empty variable means "auto". The Python package rejects other invalid values at
+    // import, with the same message.
     const char* env = std::getenv("WEIGHTLIGHT_ISA");
-    return static_cast<int>(parse_isa(env == nullptr ? "" : env, detect_cpu_isa()));
+    const std::string name = env == nullptr || *env == '\0' ? "auto" : env;
+    return static_cast<int>(parse_isa(name, detect_cpu_isa(), "WEIGHTLIGHT_ISA"));
   }());
   return slot;
 }
@@ -77,7 +81,7 @@ std::atomic<bool>& gathers_slot() {
 Isa active_isa() { return static_cast<Isa>(isa_slot().load(std::memory_order_relaxed)); }
 
 std::string set_isa(const std::string& name) {
-  Isa isa = parse_isa(name, detect_cpu_isa());
+  Isa isa = parse_isa(name, detect_cpu_isa(), "set_isa");
   isa_slot().store(static_cast<int>(isa), std::memory_order_relaxed);
   return isa_name(isa);
 }

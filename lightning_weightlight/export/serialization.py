@@ -167,6 +167,19 @@ def _atomic_write(path: Path, data: bytes) -> None:
         os.close(directory)
 
 
+def _invalid_deploy_layer(model: nn.Module) -> tuple[str, ValueError] | None:
+    """Return the name and error of the first deploy layer whose stored tensors fail their checks."""
+    from lightning_weightlight.kernels.layers import DEPLOY_MODULES
+
+    for name, module in model.named_modules():
+        if isinstance(module, DEPLOY_MODULES):
+            try:
+                module._check_format()
+            except ValueError as err:
+                return name, err
+    return None
+
+
 def save_compressed(
     model: nn.Module,
     path: str | os.PathLike,
@@ -187,6 +200,10 @@ def save_compressed(
     Returns:
         The path written.
 
+    Raises:
+        ValueError: A deploy layer's stored tensors fail the checks that loading applies (an
+            index out of range, a scale that is not positive and finite); nothing is written.
+
     Example:
         >>> import tempfile
         >>> model = nn.Sequential(nn.Linear(4, 2))
@@ -197,6 +214,12 @@ def save_compressed(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"save_compressed: expected an nn.Module, but got {type(model).__name__}")
+    invalid = _invalid_deploy_layer(model)
+    if invalid is not None:
+        name, err = invalid
+        raise ValueError(
+            f"save_compressed: layer {name!r} does not form a valid layer, so nothing was written: {err}"
+        )
     path = Path(path)
     tensors, aliases = split_shared_tensors(model.state_dict())
     document = {
@@ -370,5 +393,9 @@ def load_compressed(
     try:
         model.load_state_dict(state, strict=True)
     except ValueError as err:  # a deploy module's check of its stored tensors
-        raise CompressedFileError(f"{path}: the stored tensors do not form a valid layer: {err}") from err
+        invalid = _invalid_deploy_layer(model)
+        layer = f" {invalid[0]!r}" if invalid is not None else ""
+        raise CompressedFileError(
+            f"{path}: the stored tensors of layer{layer} do not form a valid layer: {err}"
+        ) from err
     return model.eval()

@@ -69,7 +69,7 @@ def _load_jit() -> None:
         cpp_extension.load(
             name="weightlight_jit",
             sources=[str(path) for path in _sources()],
-            extra_cflags=["-O3", "-fopenmp", "-std=c++20"],
+            extra_cflags=["-O3", "-fopenmp", "-std=c++20", "-ffp-contract=off"],  # as in setup.py
             extra_ldflags=["-fopenmp"],
             build_directory=str(build_dir),
             is_python_module=False,

@@ -126,6 +126,13 @@ class _Conv2dAdapter:
         out_w = (
             width + 2 * self.padding[1] - self.dilation[1] * (self.kernel_size[1] - 1) - 1
         ) // self.stride[1] + 1
+        if out_h < 1 or out_w < 1:
+            extent_h = self.dilation[0] * (self.kernel_size[0] - 1) + 1
+            extent_w = self.dilation[1] * (self.kernel_size[1] - 1) + 1
+            raise ValueError(
+                f"{type(self).__name__}: expected an input of at least the kernel's extent "
+                f"{extent_h}x{extent_w} after padding {self.padding}, but got height x width {height}x{width}"
+            )
         if self._pointwise:
             columns = x.flatten(2)
         else:

@@ -15,6 +15,7 @@ microseconds of CPU time per call. On small layers at one token that is most of 
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -41,8 +42,11 @@ def _quantize_weight(
         raise ValueError(
             f"weight_scale: expected {weight.shape[0]} per-channel scales, but got shape {tuple(scale.shape)}"
         )
-    if not bool(torch.all(scale > 0)):
-        raise ValueError(f"weight_scale: expected positive scales, but got a minimum of {scale.min().item()}")
+    valid = torch.isfinite(scale) & (scale > 0)
+    if not bool(valid.all()):
+        channel = int((~valid).nonzero()[0])
+        value = scale[channel].item()
+        raise ValueError(f"weight_scale: expected positive finite scales, but channel {channel} has {value}")
     qmin, qmax = reference.INT8_RANGE
     q = torch.clamp(torch.round(weight.detach().float() / scale[:, None]), qmin, qmax)
     return q.to(torch.int8), scale.clone()
@@ -57,11 +61,12 @@ def _input_quantization(
     if input_scale is None:
         raise ValueError("input_scale: expected a positive float with input_zero_point, but got None")
     scale = float(input_scale)
-    zero_point = 0 if input_zero_point is None else int(input_zero_point)
-    if not scale > 0:
-        raise ValueError(f"input_scale: expected a positive float, but got {input_scale!r}")
-    if not 0 <= zero_point <= 255:
+    zero_point = 0 if input_zero_point is None else float(input_zero_point)
+    if not (scale > 0 and math.isfinite(scale)):
+        raise ValueError(f"input_scale: expected a positive finite float, but got {input_scale!r}")
+    if not (0 <= zero_point <= 255 and zero_point == int(zero_point)):
         raise ValueError(f"input_zero_point: expected an integer in [0, 255], but got {input_zero_point!r}")
+    zero_point = int(zero_point)
     return torch.tensor(scale, dtype=torch.float32), torch.tensor(zero_point, dtype=torch.int32)
 
 
@@ -114,6 +119,14 @@ class _DeployLinear(nn.Module):
         self.pattern = "dense"
         self.register_load_state_dict_pre_hook(_check_integer_values)
         self.register_load_state_dict_post_hook(_repack_after_load)
+
+    def register_buffer(self, name: str, tensor: torch.Tensor | None, persistent: bool = True) -> None:
+        super().register_buffer(name, tensor, persistent)
+        # Keep None buffers (no bias, dynamic input quantization) after the tensors: torch.export in
+        # torch 2.13 pairs a root module's buffers with graph inputs by their position among all
+        # buffers, None ones included, and raises IndexError when a None comes first.
+        for key in [key for key, value in self._buffers.items() if value is None]:
+            self._buffers[key] = self._buffers.pop(key)
 
     def _repack(self) -> None:
         """Rebuild the non-persistent packed buffers and the descriptive attributes."""
@@ -182,6 +195,24 @@ class _QuantizedInput:
             self.input_scale.copy_(params[0])
             self.input_zero_point.copy_(params[1])
 
+    def _check_scales(self) -> None:
+        """Raise ``ValueError`` for loaded scales that ``from_float`` would have rejected."""
+        owner = type(self).__name__
+        valid = torch.isfinite(self.weight_scale) & (self.weight_scale > 0)
+        if not bool(valid.all()):
+            channel = int((~valid).nonzero()[0])
+            raise ValueError(
+                f"{owner}: expected positive finite values in weight_scale, but weight_scale[{channel}] "
+                f"is {self.weight_scale[channel].item()}"
+            )
+        if self.static_input:
+            scale = float(self.input_scale)
+            zero_point = int(self.input_zero_point)
+            if not (scale > 0 and math.isfinite(scale)):
+                raise ValueError(f"{owner}: expected a positive finite input_scale, but got {scale}")
+            if not 0 <= zero_point <= 255:
+                raise ValueError(f"{owner}: expected an input_zero_point in [0, 255], but got {zero_point}")
+
 
 class Int8Linear(_QuantizedInput, _DeployLinear):
     """Linear layer with per-channel int8 weights and uint8 activations (``weightlight::int8_linear``).
@@ -233,6 +264,9 @@ class Int8Linear(_QuantizedInput, _DeployLinear):
                 self.bias.copy_(bias.detach().float())
             self._set_input(params)
         self._repack()
+
+    def _check_format(self) -> None:
+        self._check_scales()
 
     def _repack(self) -> None:
         packed = packing.pack_int8_weight(self.weight)
@@ -422,6 +456,7 @@ class SparseInt8Linear(_QuantizedInput, _DeployLinear):
         packing.check_sparse_weight(
             sparse, self.out_features, self.in_features, owner=type(self).__name__, index_name="group_idx"
         )
+        self._check_scales()
 
     def q_weight(self) -> torch.Tensor:
         """Return the int8 weight ``(out_features, in_features)``."""

@@ -6,9 +6,21 @@ Each wrapper calls the compiled operator when the extension is loaded and the re
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from lightning_weightlight.kernels import _loader, reference
+
+ISA_NAMES = ("auto", "amx", "avx512", "avx2", "scalar")
+"""Values of ``WEIGHTLIGHT_ISA`` and of :func:`set_isa`."""
+
+_ENV_ISA = os.environ.get("WEIGHTLIGHT_ISA", "")
+if _ENV_ISA and _ENV_ISA not in ISA_NAMES:
+    # Checked before the extension loads: the compiled kernels would only fail at their first call.
+    raise ValueError(
+        f"WEIGHTLIGHT_ISA: expected one of {ISA_NAMES}, but got {_ENV_ISA!r}; unset it or use one of these"
+    )
 
 _loader.load()
 
@@ -44,9 +56,8 @@ def set_isa(name: str) -> str:
     A request above what this CPU supports gives the best supported set. The environment
     variable ``WEIGHTLIGHT_ISA`` sets the same cap at start-up.
     """
-    allowed = ("auto", "amx", "avx512", "avx2", "scalar")
-    if name not in allowed:
-        raise ValueError(f"set_isa: expected one of {allowed}, but got {name!r}")
+    if name not in ISA_NAMES:
+        raise ValueError(f"set_isa: expected one of {ISA_NAMES}, but got {name!r}")
     if not _loader.HAS_CPP:
         return "reference"
     return torch.ops.weightlight.set_isa(name)
