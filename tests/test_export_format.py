@@ -253,7 +253,8 @@ def test_invalid_sparse_index_rejected_with_path(tmp_path, monkeypatch):
     path = tmp_path / "bad.safetensors"
 
     # save_compressed checks the deploy layers first and writes nothing for a damaged one.
-    with pytest.raises(ValueError, match=r"save_compressed: layer '1' does not form a valid layer.* 16"):
+    message = r"save_compressed: the stored tensors of layer '1' are invalid, so nothing was written: .* 16"
+    with pytest.raises(ValueError, match=message):
         save_compressed(model, path)
     assert not path.exists()
 
@@ -263,7 +264,7 @@ def test_invalid_sparse_index_rejected_with_path(tmp_path, monkeypatch):
     save_compressed(model, path)
     monkeypatch.undo()
     with pytest.raises(
-        CompressedFileError, match=r"bad\.safetensors: the stored tensors of layer '1' do not form a valid"
+        CompressedFileError, match=r"bad\.safetensors: the stored tensors of layer '1' are invalid: "
     ):
         load_compressed(path, model=nn.Sequential(nn.ReLU(), nn.Linear(16, 4)))
 

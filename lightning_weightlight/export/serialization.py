@@ -218,7 +218,8 @@ def save_compressed(
     if invalid is not None:
         name, err = invalid
         raise ValueError(
-            f"save_compressed: layer {name!r} does not form a valid layer, so nothing was written: {err}"
+            f"save_compressed: the stored tensors of layer {name!r} are invalid, so nothing was written: "
+            f"{err}"
         )
     path = Path(path)
     tensors, aliases = split_shared_tensors(model.state_dict())
@@ -395,7 +396,5 @@ def load_compressed(
     except ValueError as err:  # a deploy module's check of its stored tensors
         invalid = _invalid_deploy_layer(model)
         layer = f" {invalid[0]!r}" if invalid is not None else ""
-        raise CompressedFileError(
-            f"{path}: the stored tensors of layer{layer} do not form a valid layer: {err}"
-        ) from err
+        raise CompressedFileError(f"{path}: the stored tensors of layer{layer} are invalid: {err}") from err
     return model.eval()
