@@ -16,7 +16,9 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
+import warnings
 from pathlib import Path
+from typing import Any
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
@@ -46,7 +48,17 @@ def _raised_in_package(err: BaseException) -> bool:
 
 
 class WeightlightCLI(LightningCLI):
-    """LightningCLI with the digits CNN and data module as defaults."""
+    """LightningCLI with the digits CNN and data module as defaults.
+
+    ``usage_parser`` reports usage errors in place of the LightningCLI parser; the compress and
+    report commands pass their own, whose usage fits in a few lines.
+    """
+
+    def __init__(
+        self, *args: Any, usage_parser: argparse.ArgumentParser | None = None, **kwargs: Any
+    ) -> None:
+        self.usage_parser = usage_parser
+        super().__init__(*args, **kwargs)
 
     def instantiate_classes(self) -> None:
         """Instantiate the configured classes, reporting a bad argument to one of ours in one line.
@@ -61,7 +73,7 @@ class WeightlightCLI(LightningCLI):
             reason = _package_error(err)
             if reason is None:
                 raise
-            self.parser.error(str(reason))
+            (self.usage_parser or self.parser).error(str(reason))
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.set_defaults(
@@ -92,6 +104,23 @@ def _positive_sizes(text: str) -> list[int]:
     return sizes
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, but got {text!r}") from err
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, but got {text!r}")
+    return value
+
+
+def _existing_file(text: str) -> Path:
+    path = Path(text)
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"no such file: {text!r}")
+    return path
+
+
 def _compression_parser(command: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=f"weightlight {command}",
@@ -106,16 +135,20 @@ def _compression_parser(command: str) -> argparse.ArgumentParser:
             + " Every other option (--config, --model.*, --data.*, --trainer.*) goes to LightningCLI."
         ),
     )
-    parser.add_argument("--ckpt_path", required=True, help="checkpoint of the trained model")
+    parser.add_argument(
+        "--ckpt_path", required=True, type=_existing_file, help="checkpoint of the trained model"
+    )
     parser.add_argument("--no_quantize", action="store_true", help="choose only float kernels (no int8)")
     parser.add_argument(
-        "--batch_rows", type=int, default=1, help="typical rows per call for the kernel choice"
+        "--batch_rows", type=_positive_int, default=1, help="typical rows per call for the kernel choice"
     )
     if command == "compress":
         parser.add_argument("--output", required=True, type=Path, help="file to write (safetensors)")
     else:
         parser.add_argument(
-            "--compressed", type=Path, help="compressed file to report on (compress again if absent)"
+            "--compressed",
+            type=_existing_file,
+            help="compressed file to report on (without it, the checkpoint is compressed again)",
         )
         parser.add_argument(
             "--output_dir", type=Path, default=Path("compression_report"), help="folder of the report"
@@ -124,10 +157,10 @@ def _compression_parser(command: str) -> argparse.ArgumentParser:
             "--batch_sizes", type=_positive_sizes, default=[1, 32], help="latency batch sizes, e.g. 1,32"
         )
         parser.add_argument(
-            "--threads", type=int, default=1, help="torch threads during the latency measurement"
+            "--threads", type=_positive_int, default=1, help="torch threads during the latency measurement"
         )
         parser.add_argument(
-            "--repeats", type=int, default=20, help="timed calls per batch size (median reported)"
+            "--repeats", type=_positive_int, default=20, help="timed calls per batch size (median reported)"
         )
         parser.add_argument("--dataloader", choices=("val", "test"), default="test", help="data to evaluate")
     return parser
@@ -138,18 +171,25 @@ def run_compression_command(command: str, args: list[str]) -> object:
     from lightning_weightlight.export import compress, load_compressed, save_compressed
     from lightning_weightlight.report import CompressionReport
 
-    options, rest = _compression_parser(command).parse_known_args(args)
-    # The trainer only restores the checkpoint and validates, so it writes no logs (the last
-    # --trainer.logger wins over the config's).
-    cli = WeightlightCLI(
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        args=[*rest, "--trainer.logger=false"],
-        run=False,
-        save_config_callback=None,
-        auto_configure_optimizers=False,
-    )
-    cli.trainer.validate(cli.model, datamodule=cli.datamodule, ckpt_path=options.ckpt_path, verbose=False)
+    parser = _compression_parser(command)
+    options, rest = parser.parse_known_args(args)
+    with warnings.catch_warnings():
+        # The arguments come from this command's own parsing, and the checkpoint's ModelCheckpoint
+        # state names the folder of the fit run; neither warning concerns the user here.
+        warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python")
+        warnings.filterwarnings("ignore", message=".*The dirpath has changed from")
+        # The trainer only restores the checkpoint and validates, so it writes no logs (the last
+        # --trainer.logger wins over the config's).
+        cli = WeightlightCLI(
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            args=[*rest, "--trainer.logger=false"],
+            run=False,
+            save_config_callback=None,
+            auto_configure_optimizers=False,
+            usage_parser=parser,
+        )
+        cli.trainer.validate(cli.model, datamodule=cli.datamodule, ckpt_path=options.ckpt_path, verbose=False)
     dense = copy.deepcopy(cli.model).cpu().eval()
     compress_options = {"quantize": not options.no_quantize, "batch_rows": options.batch_rows}
 

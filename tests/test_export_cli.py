@@ -77,7 +77,10 @@ def test_compress_command_restores_qat_checkpoint(qat_run, python_executable, tm
 
     assert result.returncode == 0, result.stderr[-4000:]
     assert "Saved the compressed model" in result.stdout
-    # Only the output file: the validation that restores the checkpoint writes no logs.
+    # No warnings about Lightning internals, and only the output file: the validation that
+    # restores the checkpoint writes no logs.
+    assert "args parameter is intended" not in result.stderr
+    assert "dirpath has changed" not in result.stderr
     assert [path.relative_to(tmp_path) for path in tmp_path.rglob("*") if path.is_file()] == [
         Path("cli/model.safetensors")
     ]
@@ -119,6 +122,36 @@ def test_compress_command_requires_checkpoint(python_executable, tmp_path):
 
     assert result.returncode == 2
     assert "--ckpt_path" in result.stderr
+
+    arguments = ["compress", "--ckpt_path=missing.ckpt", "--output=x.safetensors"]
+    result = run_cli(python_executable, arguments, cwd=tmp_path)
+    assert result.returncode == 2
+    assert "error: argument --ckpt_path: no such file: 'missing.ckpt'" in result.stderr
+
+
+def test_compression_commands_report_bad_values_briefly(qat_run, python_executable, tmp_path):
+    root, config, _ = qat_run
+    checkpoint = next(root.rglob("last.ckpt"))
+
+    result = run_cli(python_executable, ["report", f"--ckpt_path={checkpoint}", "--repeats=0"], cwd=tmp_path)
+    assert result.returncode == 2
+    assert "error: argument --repeats: expected a positive integer, but got '0'" in result.stderr
+
+    # A bad value for one of the package's classes in the YAML file: the command's short usage and
+    # the package's message, no traceback.
+    bad_config = tmp_path / "bad.yaml"
+    bad_config.write_text(config.read_text().replace("freeze_observer_step: 200", "freeze_observer_step: -5"))
+    assert bad_config.read_text() != config.read_text()
+    result = run_cli(
+        python_executable,
+        ["compress", "--config", str(bad_config), f"--ckpt_path={checkpoint}", "--output=x.safetensors"],
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2
+    assert "usage: weightlight compress" in result.stderr
+    assert "error: freeze_observer_step: expected None or an integer >= 0, but got -5" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.splitlines()) <= 6
 
 
 @pytest.mark.ddp

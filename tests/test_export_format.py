@@ -260,13 +260,37 @@ def test_invalid_sparse_index_rejected_with_path(tmp_path, monkeypatch):
 
     # A file written without that check (an older version) has a valid digest but an index out of
     # range: the load names the file and the layer.
-    monkeypatch.setattr(serialization, "_invalid_deploy_layer", lambda model: None)
+    monkeypatch.setattr(serialization, "_unloadable_layer", lambda model: None)
     save_compressed(model, path)
     monkeypatch.undo()
-    with pytest.raises(
-        CompressedFileError, match=r"bad\.safetensors: the stored tensors of layer '1' are invalid: "
-    ):
+    message = r"bad\.safetensors: the stored tensors are invalid: layer '1': SparseLinear: .* 16"
+    with pytest.raises(CompressedFileError, match=message):
         load_compressed(path, model=nn.Sequential(nn.ReLU(), nn.Linear(16, 4)))
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ("weight", r"size mismatch for weight"),
+        ("weight_dtype", r"weight contains 300\.0, which its torch\.int8 buffer cannot hold"),
+        ("bias", r"size mismatch for bias"),
+    ],
+)
+def test_save_rejects_layer_that_would_not_load(tmp_path, damage, message):
+    from lightning_weightlight.kernels import Int8Linear
+
+    model = nn.Sequential(nn.Linear(15, 15), Int8Linear.from_float(nn.Linear(15, 8)))
+    layer = model[1]
+    if damage == "weight":
+        layer.weight = torch.zeros(8, 14, dtype=torch.int8)
+    elif damage == "weight_dtype":
+        layer.weight = torch.full((8, 15), 300.0)
+    else:
+        layer.bias = torch.zeros(5)
+    path = tmp_path / "model.safetensors"
+    with pytest.raises(ValueError, match=f"(?s)layer '1' are invalid, so nothing was written: .*{message}"):
+        save_compressed(model, path)
+    assert not path.exists()
 
 
 def test_header_length_beyond_file_rejected(tmp_path):

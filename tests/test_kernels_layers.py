@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 
 import pytest
@@ -167,8 +168,10 @@ def test_from_float_rejects_bad_arguments():
     with pytest.raises(ValueError, match="block"):
         SparseLinear.from_dense(nn.Linear(4, 4), block="2x2")
     for cls in (Int8Linear, SparseInt8Linear):
-        with pytest.raises(ValueError, match="input_scale: expected a positive finite float, but got inf"):
-            cls.from_float(nn.Linear(4, 4), input_scale=float("inf"), input_zero_point=0)
+        for scale in (float("inf"), 1e39, 1e-50):  # the last two overflow or underflow float32
+            message = "input_scale: expected a positive float.*but got " + re.escape(repr(scale))
+            with pytest.raises(ValueError, match=message):
+                cls.from_float(nn.Linear(4, 4), input_scale=scale, input_zero_point=0)
         with pytest.raises(
             ValueError, match=r"input_zero_point: expected an integer in \[0, 255\], but got 1\.5"
         ):
@@ -205,8 +208,16 @@ def test_int8_modules_reject_invalid_loaded_scales(module_index, key, value, mes
     else:
         state[key] = torch.tensor(value, dtype=state[key].dtype)
     rebuilt = type(module).from_config(module.extra_config())
+    before = {name: tensor.clone() for name, tensor in rebuilt.state_dict().items()}
     with pytest.raises(ValueError, match=f"{type(module).__name__}: expected .*{message}"):
         rebuilt.load_state_dict(state)
+    # The check runs before the copy: the failed load leaves the module as it was.
+    assert all(torch.equal(tensor, before[name]) for name, tensor in rebuilt.state_dict().items())
+
+    # Inside a model, the message names the layer.
+    model = nn.Sequential(nn.ReLU(), rebuilt)
+    with pytest.raises(ValueError, match=f"layer '1': {type(module).__name__}: expected .*{message}"):
+        model.load_state_dict({f"1.{name}": tensor for name, tensor in state.items()})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -299,6 +310,16 @@ def test_deploy_conv2d_rejects_input_smaller_than_kernel(build):
         ValueError, match=r"kernel's extent 5x5 after padding \(0, 0\), but got height x width 4x9"
     ):
         module(torch.randn(1, 3, 4, 9))
+
+
+@pytest.mark.parametrize(
+    "build", [Int8Conv2d.from_float, SparseConv2d.from_dense, SparseInt8Conv2d.from_float]
+)
+@pytest.mark.parametrize("dtype", [torch.int64, torch.float64])
+def test_deploy_conv2d_rejects_non_float32_input(build, dtype):
+    module = build(pruned_conv())
+    with pytest.raises(TypeError, match=f"expected a float32 input, but got {dtype}; convert it with"):
+        module(torch.ones(1, 3, 8, 8, dtype=dtype))
 
 
 def test_deploy_conv2d_without_outputs():

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_weightlight.export import load_compressed
-from lightning_weightlight.report import CompressionReport, measure_latency
+from lightning_weightlight.report import CompressionReport, CompressionReportCallback, measure_latency
 
 
 def make_pair() -> tuple[nn.Module, nn.Module, DataLoader]:
@@ -136,6 +136,23 @@ def test_report_rejects_bad_arguments(kwargs, message):
     dense, pruned, loader = make_pair()
     with pytest.raises((ValueError, TypeError), match=message):
         CompressionReport(dense, pruned, loader, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"repeats": 0}, "repeats: expected an integer of at least 1, but got 0"),
+        ({"threads": 0}, "threads: expected an integer of at least 1 or None, but got 0"),
+        ({"warmup": -1}, "warmup: expected an integer of at least 0, but got -1"),
+        ({"batch_rows": 2.5}, "batch_rows: expected an integer of at least 1, but got 2.5"),
+        ({"max_batches": 0}, "max_batches: expected an integer of at least 1 or None, but got 0"),
+        ({"dataloader": "train"}, "dataloader: expected 'val' or 'test'"),
+    ],
+)
+def test_report_callback_rejects_bad_arguments(kwargs, message):
+    # Raised when the callback is built, before any training.
+    with pytest.raises(ValueError, match=message):
+        CompressionReportCallback(**kwargs)
 
 
 def test_latency_restores_threads():

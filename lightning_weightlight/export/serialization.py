@@ -167,16 +167,20 @@ def _atomic_write(path: Path, data: bytes) -> None:
         os.close(directory)
 
 
-def _invalid_deploy_layer(model: nn.Module) -> tuple[str, ValueError] | None:
-    """Return the name and error of the first deploy layer whose stored tensors fail their checks."""
-    from lightning_weightlight.kernels.layers import DEPLOY_MODULES
+def _unloadable_layer(model: nn.Module) -> tuple[str, Exception] | None:
+    """Return the name and error of the first described layer that its own tensors would not load into.
 
+    Each layer is rebuilt from its description, as :func:`load_compressed` rebuilds it, and loads
+    its own state dict, which runs every check of a load (shapes, dtypes, indices, scales).
+    """
     for name, module in model.named_modules():
-        if isinstance(module, DEPLOY_MODULES):
-            try:
-                module._check_format()
-            except ValueError as err:
-                return name, err
+        description = describe_module(module)
+        if description is None:
+            continue
+        try:
+            build_module(description).load_state_dict(module.state_dict(), strict=True)
+        except (ValueError, RuntimeError) as err:
+            return name or type(module).__name__, err
     return None
 
 
@@ -201,8 +205,8 @@ def save_compressed(
         The path written.
 
     Raises:
-        ValueError: A deploy layer's stored tensors fail the checks that loading applies (an
-            index out of range, a scale that is not positive and finite); nothing is written.
+        ValueError: A layer's tensors fail the checks that loading applies (a shape or dtype,
+            an index out of range, a scale that is not positive and finite); nothing is written.
 
     Example:
         >>> import tempfile
@@ -214,7 +218,7 @@ def save_compressed(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"save_compressed: expected an nn.Module, but got {type(model).__name__}")
-    invalid = _invalid_deploy_layer(model)
+    invalid = _unloadable_layer(model)
     if invalid is not None:
         name, err = invalid
         raise ValueError(
@@ -393,8 +397,6 @@ def load_compressed(
         state[name] = tensors[target]
     try:
         model.load_state_dict(state, strict=True)
-    except ValueError as err:  # a deploy module's check of its stored tensors
-        invalid = _invalid_deploy_layer(model)
-        layer = f" {invalid[0]!r}" if invalid is not None else ""
-        raise CompressedFileError(f"{path}: the stored tensors of layer{layer} are invalid: {err}") from err
+    except (ValueError, RuntimeError) as err:  # a deploy module's checks, or torch's shape checks
+        raise CompressedFileError(f"{path}: the stored tensors are invalid: {err}") from err
     return model.eval()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import importlib.util
 import logging
 import os
 import warnings
@@ -85,6 +86,10 @@ def load() -> bool:
 
     errors = []
     try:
+        # Without this check a missing file reads as Python's "partially initialized module ...
+        # (most likely due to a circular import)", because the package is still being imported.
+        if importlib.util.find_spec("lightning_weightlight._C") is None:
+            raise ImportError("lightning_weightlight._C is not installed (no compiled file)")
         from lightning_weightlight import _C  # noqa: F401
 
         HAS_CPP = True

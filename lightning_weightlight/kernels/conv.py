@@ -119,6 +119,11 @@ class _Conv2dAdapter:
                 f"{type(self).__name__}: expected a 4-D input (N, C, H, W) with C = in_channels = "
                 f"{self.in_channels}, but got shape {tuple(x.shape)}"
             )
+        if x.dtype != torch.float32:  # F.unfold below would fail first, with a message about im2col
+            raise TypeError(
+                f"{type(self).__name__}: expected a float32 input, but got {x.dtype}; "
+                "convert it with .float()"
+            )
         batch, _, height, width = x.shape
         out_h = (
             height + 2 * self.padding[0] - self.dilation[0] * (self.kernel_size[0] - 1) - 1

@@ -15,6 +15,7 @@ microseconds of CPU time per call. On small layers at one token that is most of 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any
 
@@ -60,10 +61,13 @@ def _input_quantization(
         return None
     if input_scale is None:
         raise ValueError("input_scale: expected a positive float with input_zero_point, but got None")
-    scale = float(input_scale)
+    scale = float(torch.tensor(float(input_scale), dtype=torch.float32))  # the value the buffer stores
     zero_point = 0 if input_zero_point is None else float(input_zero_point)
     if not (scale > 0 and math.isfinite(scale)):
-        raise ValueError(f"input_scale: expected a positive finite float, but got {input_scale!r}")
+        raise ValueError(
+            f"input_scale: expected a positive float that float32 holds as finite and nonzero, but got "
+            f"{input_scale!r}"
+        )
     if not (0 <= zero_point <= 255 and zero_point == int(zero_point)):
         raise ValueError(f"input_zero_point: expected an integer in [0, 255], but got {input_zero_point!r}")
     zero_point = int(zero_point)
@@ -96,8 +100,38 @@ def _check_integer_values(module: _DeployLinear, state_dict, prefix, *args) -> N
             )
 
 
+def _check_loaded_scales(module: _DeployLinear, state_dict, prefix, *args) -> None:
+    """Reject invalid scales before ``load_state_dict`` copies them, so a failed load keeps the old ones."""
+    if not isinstance(module, _QuantizedInput):
+        return
+
+    def loaded(name: str) -> torch.Tensor | None:
+        value = state_dict.get(prefix + name)
+        return value.detach().to(torch.float32) if isinstance(value, torch.Tensor) else None
+
+    with _naming_layer(prefix):
+        module._check_scale_values(loaded("weight_scale"), loaded("input_scale"), loaded("input_zero_point"))
+
+
+@contextlib.contextmanager
+def _naming_layer(prefix: str):
+    """Prefix a ``ValueError`` raised inside with the layer's name, when the module is inside a model."""
+    try:
+        yield
+    except ValueError as err:
+        name = prefix.rstrip(".")
+        if not name:
+            raise
+        raise ValueError(f"layer {name!r}: {err}") from err
+
+
+def _remember_prefix(module: _DeployLinear, state_dict, prefix, *args) -> None:
+    module._load_prefix = prefix
+
+
 def _repack_after_load(module: _DeployLinear, incompatible_keys) -> None:
-    module._check_format()
+    with _naming_layer(getattr(module, "_load_prefix", "")):
+        module._check_format()
     module._repack()
 
 
@@ -117,7 +151,9 @@ class _DeployLinear(nn.Module):
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
         self.sparsity = 0.0
         self.pattern = "dense"
+        self.register_load_state_dict_pre_hook(_remember_prefix)
         self.register_load_state_dict_pre_hook(_check_integer_values)
+        self.register_load_state_dict_pre_hook(_check_loaded_scales)
         self.register_load_state_dict_post_hook(_repack_after_load)
 
     def register_buffer(self, name: str, tensor: torch.Tensor | None, persistent: bool = True) -> None:
@@ -196,22 +232,33 @@ class _QuantizedInput:
             self.input_zero_point.copy_(params[1])
 
     def _check_scales(self) -> None:
-        """Raise ``ValueError`` for loaded scales that ``from_float`` would have rejected."""
+        """Raise ``ValueError`` for stored scales that ``from_float`` would have rejected."""
+        self._check_scale_values(self.weight_scale, self.input_scale, self.input_zero_point)
+
+    def _check_scale_values(
+        self,
+        weight_scale: torch.Tensor | None,
+        input_scale: torch.Tensor | None,
+        zero_point: torch.Tensor | None,
+    ) -> None:
+        """Check the given scales (``None`` skips one): positive and finite, zero point in [0, 255]."""
         owner = type(self).__name__
-        valid = torch.isfinite(self.weight_scale) & (self.weight_scale > 0)
-        if not bool(valid.all()):
-            channel = int((~valid).nonzero()[0])
-            raise ValueError(
-                f"{owner}: expected positive finite values in weight_scale, but weight_scale[{channel}] "
-                f"is {self.weight_scale[channel].item()}"
-            )
-        if self.static_input:
-            scale = float(self.input_scale)
-            zero_point = int(self.input_zero_point)
+        if weight_scale is not None and weight_scale.numel() > 0:
+            valid = torch.isfinite(weight_scale) & (weight_scale > 0)
+            if not bool(valid.all()):
+                channel = int((~valid).flatten().nonzero()[0])
+                raise ValueError(
+                    f"{owner}: expected positive finite values in weight_scale, but weight_scale[{channel}] "
+                    f"is {weight_scale.flatten()[channel].item()}"
+                )
+        if self.static_input and input_scale is not None and input_scale.numel() == 1:
+            scale = float(input_scale)
             if not (scale > 0 and math.isfinite(scale)):
                 raise ValueError(f"{owner}: expected a positive finite input_scale, but got {scale}")
-            if not 0 <= zero_point <= 255:
-                raise ValueError(f"{owner}: expected an input_zero_point in [0, 255], but got {zero_point}")
+        if self.static_input and zero_point is not None and zero_point.numel() == 1:
+            value = float(zero_point)
+            if not 0 <= value <= 255:
+                raise ValueError(f"{owner}: expected an input_zero_point in [0, 255], but got {value:g}")
 
 
 class Int8Linear(_QuantizedInput, _DeployLinear):

@@ -56,6 +56,19 @@ class CompressionReportCallback(L.Callback):
             raise ValueError(
                 f"batch_sizes: expected a non-empty list of positive integers, but got {batch_sizes}"
             )
+        # Checked here, so that a bad value stops the run before training rather than after it.
+        for name, value, smallest, optional in (
+            ("batch_rows", batch_rows, 1, False),
+            ("threads", threads, 1, True),
+            ("warmup", warmup, 0, False),
+            ("repeats", repeats, 1, False),
+            ("max_batches", max_batches, 1, True),
+        ):
+            if optional and value is None:
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < smallest:
+                allowed = f"an integer of at least {smallest}" + (" or None" if optional else "")
+                raise ValueError(f"{name}: expected {allowed}, but got {value!r}")
         self.dataloader = dataloader
         self.batch_sizes = batch_sizes
         self.output_dir = output_dir
