@@ -174,8 +174,9 @@ def run_compression_command(command: str, args: list[str]) -> object:
     parser = _compression_parser(command)
     options, rest = parser.parse_known_args(args)
     with warnings.catch_warnings():
-        # The arguments come from this command's own parsing, and the checkpoint's ModelCheckpoint
-        # state names the folder of the fit run; neither warning concerns the user here.
+        # Two Lightning warnings do not concern the user here. The LightningCLI arguments come from
+        # this command's own parsing, and the checkpoint's ModelCheckpoint state names the folder
+        # of the fit run.
         warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python")
         warnings.filterwarnings("ignore", message=".*The dirpath has changed from")
         # The trainer only restores the checkpoint and validates, so it writes no logs (the last

@@ -65,8 +65,7 @@ def _input_quantization(
     zero_point = 0 if input_zero_point is None else float(input_zero_point)
     if not (scale > 0 and math.isfinite(scale)):
         raise ValueError(
-            f"input_scale: expected a positive float that float32 holds as finite and nonzero, but got "
-            f"{input_scale!r}"
+            f"input_scale: expected a positive float, finite and nonzero in float32, but got {input_scale!r}"
         )
     if not (0 <= zero_point <= 255 and zero_point == int(zero_point)):
         raise ValueError(f"input_zero_point: expected an integer in [0, 255], but got {input_zero_point!r}")
