@@ -369,6 +369,7 @@ def test_deploy_linear_rejects_corrupted_state_dict(module_index):
     state = {key: value.clone() for key, value in module.state_dict().items()}
     owner = type(module).__name__
     rebuilt = type(module).from_config(module.extra_config())
+    before = {name: tensor.clone() for name, tensor in rebuilt.state_dict().items()}
 
     bad = dict(state, **{index: state[index].clone()})
     bad[index][-1] = limit
@@ -385,6 +386,8 @@ def test_deploy_linear_rejects_corrupted_state_dict(module_index):
     bad["row_ptr"][-1] -= 1
     with pytest.raises(ValueError, match=f"{owner}: expected row_ptr to run from 0 to the number of blocks"):
         rebuilt.load_state_dict(bad)
+    # The checks run before the copy: the rejected loads left the module as it was.
+    assert all(torch.equal(tensor, before[name]) for name, tensor in rebuilt.state_dict().items())
 
     # A good state dict still loads into the same module, and the result is unchanged.
     rebuilt.load_state_dict(state)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -99,17 +100,22 @@ def _check_integer_values(module: _DeployLinear, state_dict, prefix, *args) -> N
             )
 
 
-def _check_loaded_scales(module: _DeployLinear, state_dict, prefix, *args) -> None:
-    """Reject invalid scales before ``load_state_dict`` copies them, so a failed load keeps the old ones."""
-    if not isinstance(module, _QuantizedInput):
-        return
+def _check_loaded_tensors(module: _DeployLinear, state_dict, prefix, *args) -> None:
+    """Run the module's checks on the incoming tensors before ``load_state_dict`` copies them.
 
-    def loaded(name: str) -> torch.Tensor | None:
+    A rejected load then leaves the module as it was. When a tensor is missing or has another
+    shape, the check is left to ``load_state_dict``, which reports it.
+    """
+    tensors = {}
+    for name, buffer in module._buffers.items():
+        if buffer is None or name in module._non_persistent_buffers_set:
+            continue
         value = state_dict.get(prefix + name)
-        return value.detach().to(torch.float32) if isinstance(value, torch.Tensor) else None
-
+        if not isinstance(value, torch.Tensor) or value.shape != buffer.shape:
+            return
+        tensors[name] = value.detach().to(buffer.dtype)
     with _naming_layer(prefix):
-        module._check_scale_values(loaded("weight_scale"), loaded("input_scale"), loaded("input_zero_point"))
+        module._check_tensors(tensors)
 
 
 @contextlib.contextmanager
@@ -152,7 +158,7 @@ class _DeployLinear(nn.Module):
         self.pattern = "dense"
         self.register_load_state_dict_pre_hook(_remember_prefix)
         self.register_load_state_dict_pre_hook(_check_integer_values)
-        self.register_load_state_dict_pre_hook(_check_loaded_scales)
+        self.register_load_state_dict_pre_hook(_check_loaded_tensors)
         self.register_load_state_dict_post_hook(_repack_after_load)
 
     def register_buffer(self, name: str, tensor: torch.Tensor | None, persistent: bool = True) -> None:
@@ -169,6 +175,10 @@ class _DeployLinear(nn.Module):
 
     def _check_format(self) -> None:
         """Raise ``ValueError`` when the stored tensors do not describe this module's weight."""
+        self._check_tensors(self._buffers)
+
+    def _check_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Raise ``ValueError`` when ``tensors`` (the persistent buffers by name) do not describe a weight."""
 
     def _wrong_input(self, x: torch.Tensor) -> ValueError:
         return ValueError(
@@ -230,9 +240,11 @@ class _QuantizedInput:
             self.input_scale.copy_(params[0])
             self.input_zero_point.copy_(params[1])
 
-    def _check_scales(self) -> None:
-        """Raise ``ValueError`` for stored scales that ``from_float`` would have rejected."""
-        self._check_scale_values(self.weight_scale, self.input_scale, self.input_zero_point)
+    def _check_scales(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Raise ``ValueError`` for scales in ``tensors`` that ``from_float`` would have rejected."""
+        self._check_scale_values(
+            tensors["weight_scale"], tensors.get("input_scale"), tensors.get("input_zero_point")
+        )
 
     def _check_scale_values(
         self,
@@ -311,8 +323,8 @@ class Int8Linear(_QuantizedInput, _DeployLinear):
             self._set_input(params)
         self._repack()
 
-    def _check_format(self) -> None:
-        self._check_scales()
+    def _check_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        self._check_scales(tensors)
 
     def _repack(self) -> None:
         packed = packing.pack_int8_weight(self.weight)
@@ -405,8 +417,8 @@ class SparseLinear(_DeployLinear):
     def _repack(self) -> None:
         self._set_sparsity(int(self.values.count_nonzero()))
 
-    def _check_format(self) -> None:
-        sparse = packing.SparseWeight(self.row_ptr, self.col_idx, self.values)
+    def _check_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        sparse = packing.SparseWeight(tensors["row_ptr"], tensors["col_idx"], tensors["values"])
         packing.check_sparse_weight(sparse, self.out_features, self.in_features, owner=type(self).__name__)
 
     def dense_weight(self) -> torch.Tensor:
@@ -497,12 +509,14 @@ class SparseInt8Linear(_QuantizedInput, _DeployLinear):
         self.pattern = "1x4"
         self._set_sparsity(int(self.values.count_nonzero()))
 
-    def _check_format(self) -> None:
-        sparse = packing.SparseWeight(self.row_ptr, self.group_idx, self.values.reshape(-1, 4, 1))
+    def _check_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        sparse = packing.SparseWeight(
+            tensors["row_ptr"], tensors["group_idx"], tensors["values"].reshape(-1, 4, 1)
+        )
         packing.check_sparse_weight(
             sparse, self.out_features, self.in_features, owner=type(self).__name__, index_name="group_idx"
         )
-        self._check_scales()
+        self._check_scales(tensors)
 
     def q_weight(self) -> torch.Tensor:
         """Return the int8 weight ``(out_features, in_features)``."""
