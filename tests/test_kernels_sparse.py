@@ -45,7 +45,7 @@ def isa(request):
     ops.set_gathers("auto")
 
 
-def test_set_gathers_default_follows_the_cpu_vendor():
+def test_set_gathers_default_by_vendor():
     with open("/proc/cpuinfo") as cpuinfo:
         intel = "GenuineIntel" in cpuinfo.read()
     try:
@@ -265,7 +265,7 @@ def test_sparse_int8_linear_bits_equal_int8_linear(isa, m):
 
 
 @pytest.mark.parametrize("block", ["unstructured", "1x4"])
-def test_sparse_int8_linear_equal_with_and_without_gathers(block):
+def test_sparse_int8_same_with_gathers_off(block):
     # Exact integer sums: gathering the inputs or loading them one by one gives the same outputs.
     _, w_scale, sparse, sums = sparse_int8_layer(90, 301, 0.8, block, seed=12)
     x = torch.randn(1, 301, generator=torch.Generator().manual_seed(13))

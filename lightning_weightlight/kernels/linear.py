@@ -33,6 +33,12 @@ def _check_linear(layer: nn.Module, method: str) -> None:
         raise TypeError(f"{method}: expected an nn.Linear, but got {type(layer).__name__}")
 
 
+def _first_invalid_scale(scale: torch.Tensor) -> int | None:
+    """Return the index of the first scale that is not positive and finite, or ``None``."""
+    invalid = ~(torch.isfinite(scale) & (scale > 0))
+    return int(invalid.nonzero()[0]) if bool(invalid.any()) else None
+
+
 def _quantize_weight(
     weight: torch.Tensor, weight_scale: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,9 +50,8 @@ def _quantize_weight(
         raise ValueError(
             f"weight_scale: expected {weight.shape[0]} per-channel scales, but got shape {tuple(scale.shape)}"
         )
-    valid = torch.isfinite(scale) & (scale > 0)
-    if not bool(valid.all()):
-        channel = int((~valid).nonzero()[0])
+    channel = _first_invalid_scale(scale)
+    if channel is not None:
         value = scale[channel].item()
         raise ValueError(f"weight_scale: expected positive finite scales, but channel {channel} has {value}")
     qmin, qmax = reference.INT8_RANGE
@@ -104,8 +109,11 @@ def _check_loaded_tensors(module: _DeployLinear, state_dict, prefix, *args) -> N
     """Run the module's checks on the incoming tensors before ``load_state_dict`` copies them.
 
     A rejected load then leaves the module as it was. When a tensor is missing or has another
-    shape, the check is left to ``load_state_dict``, which reports it.
+    shape, the post-hook checks the loaded buffers instead (after ``load_state_dict`` reports a
+    shape mismatch or, with ``strict=False``, loads the rest).
     """
+    module._load_prefix = prefix
+    module._checked_before_load = False
     tensors = {}
     for name, buffer in module._buffers.items():
         if buffer is None or name in module._non_persistent_buffers_set:
@@ -116,6 +124,7 @@ def _check_loaded_tensors(module: _DeployLinear, state_dict, prefix, *args) -> N
         tensors[name] = value.detach().to(buffer.dtype)
     with _naming_layer(prefix):
         module._check_tensors(tensors)
+    module._checked_before_load = True
 
 
 @contextlib.contextmanager
@@ -130,13 +139,10 @@ def _naming_layer(prefix: str):
         raise ValueError(f"layer {name!r}: {err}") from err
 
 
-def _remember_prefix(module: _DeployLinear, state_dict, prefix, *args) -> None:
-    module._load_prefix = prefix
-
-
 def _repack_after_load(module: _DeployLinear, incompatible_keys) -> None:
-    with _naming_layer(getattr(module, "_load_prefix", "")):
-        module._check_format()
+    if not getattr(module, "_checked_before_load", False):
+        with _naming_layer(getattr(module, "_load_prefix", "")):
+            module._check_format()
     module._repack()
 
 
@@ -156,16 +162,15 @@ class _DeployLinear(nn.Module):
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
         self.sparsity = 0.0
         self.pattern = "dense"
-        self.register_load_state_dict_pre_hook(_remember_prefix)
         self.register_load_state_dict_pre_hook(_check_integer_values)
         self.register_load_state_dict_pre_hook(_check_loaded_tensors)
         self.register_load_state_dict_post_hook(_repack_after_load)
 
     def register_buffer(self, name: str, tensor: torch.Tensor | None, persistent: bool = True) -> None:
         super().register_buffer(name, tensor, persistent)
-        # Keep None buffers (no bias, dynamic input quantization) after the tensors: torch.export in
+        # Keep None buffers (no bias, dynamic input quantization) after the tensors. torch.export in
         # torch 2.13 pairs a root module's buffers with graph inputs by their position among all
-        # buffers, None ones included, and raises IndexError when a None comes first.
+        # buffers, None ones included, so a None before a tensor makes it raise IndexError.
         for key in [key for key, value in self._buffers.items() if value is None]:
             self._buffers[key] = self._buffers.pop(key)
 
@@ -242,34 +247,22 @@ class _QuantizedInput:
 
     def _check_scales(self, tensors: Mapping[str, torch.Tensor]) -> None:
         """Raise ``ValueError`` for scales in ``tensors`` that ``from_float`` would have rejected."""
-        self._check_scale_values(
-            tensors["weight_scale"], tensors.get("input_scale"), tensors.get("input_zero_point")
-        )
-
-    def _check_scale_values(
-        self,
-        weight_scale: torch.Tensor | None,
-        input_scale: torch.Tensor | None,
-        zero_point: torch.Tensor | None,
-    ) -> None:
-        """Check the given scales (``None`` skips one): positive and finite, zero point in [0, 255]."""
         owner = type(self).__name__
-        if weight_scale is not None and weight_scale.numel() > 0:
-            valid = torch.isfinite(weight_scale) & (weight_scale > 0)
-            if not bool(valid.all()):
-                channel = int((~valid).flatten().nonzero()[0])
-                raise ValueError(
-                    f"{owner}: expected positive finite values in weight_scale, but weight_scale[{channel}] "
-                    f"is {weight_scale.flatten()[channel].item()}"
-                )
-        if self.static_input and input_scale is not None and input_scale.numel() == 1:
-            scale = float(input_scale)
-            if not (scale > 0 and math.isfinite(scale)):
-                raise ValueError(f"{owner}: expected a positive finite input_scale, but got {scale}")
-        if self.static_input and zero_point is not None and zero_point.numel() == 1:
-            value = float(zero_point)
-            if not 0 <= value <= 255:
-                raise ValueError(f"{owner}: expected an input_zero_point in [0, 255], but got {value:g}")
+        weight_scale = tensors["weight_scale"]
+        channel = _first_invalid_scale(weight_scale)
+        if channel is not None:
+            raise ValueError(
+                f"{owner}: expected positive finite values in weight_scale, but weight_scale[{channel}] "
+                f"is {weight_scale[channel].item()}"
+            )
+        if not self.static_input:
+            return
+        scale = float(tensors["input_scale"])
+        if not (scale > 0 and math.isfinite(scale)):
+            raise ValueError(f"{owner}: expected a positive finite input_scale, but got {scale}")
+        zero_point = int(tensors["input_zero_point"])
+        if not 0 <= zero_point <= 255:
+            raise ValueError(f"{owner}: expected an input_zero_point in [0, 255], but got {zero_point}")
 
 
 class Int8Linear(_QuantizedInput, _DeployLinear):
