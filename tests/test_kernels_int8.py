@@ -7,6 +7,7 @@ dequantization step (a fused multiply-add may round once where the reference rou
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -195,6 +196,28 @@ def test_int8_linear_thread_count_independent():
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(single, double)
+
+
+def test_int8_ops_from_several_python_threads():
+    # Small calls quantize into a buffer of the calling thread: calls from four threads at once,
+    # mixed with calls too large for the buffer, give the bits of the same calls in turn.
+    q_w, w_scale, bias = make_layer(40, 384, seed=16)
+    packed = packing.pack_int8_weight(q_w)
+    sparse, sums = packing.pack_sparse_int8_weight(q_w)
+    inputs = [torch.randn(m, 384, generator=torch.Generator().manual_seed(m)) for m in (1, 2, 7, 200)]
+
+    def run(x):
+        return (
+            ops.int8_linear(x, packed.packed, packed.sums, w_scale, bias),
+            ops.sparse_int8_linear(x, *sparse, sums, w_scale, bias),
+        )
+
+    expected = [run(x) for x in inputs]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(lambda i: run(inputs[i % 4]), range(200)))
+    for i, (dense, sparse_out) in enumerate(results):
+        assert torch.equal(dense, expected[i % 4][0])
+        assert torch.equal(sparse_out, expected[i % 4][1])
 
 
 def cpu_flags() -> set[str]:

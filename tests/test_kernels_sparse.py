@@ -127,6 +127,45 @@ def test_sparse_linear_layouts():
     torch.testing.assert_close(out, reference.sparse_linear(batched, *sparse, None, 24), **FLOAT_TOL)
 
 
+def row_lengths_weight(n, k, seed, unit=1):
+    """Row r keeps r % (k // unit + 1) random units of `unit` inputs: every row length from empty."""
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.zeros(n, k)
+    for row in range(n):
+        units = torch.randperm(k // unit, generator=generator)[: row % (k // unit + 1)]
+        columns = (units[:, None] * unit + torch.arange(unit)).flatten()
+        weight[row, columns] = torch.randn(columns.numel(), generator=generator)
+    return weight
+
+
+@pytest.mark.parametrize("block", ["unstructured", "1x4"])
+def test_sparse_linear_one_token_every_row_length(isa, block):
+    # Rows of 0 to 40 nonzeros (or 1x4 blocks) cover the one-token kernels' masked last step, and
+    # 45 rows end in a part of a batch of 8 rows.
+    unit = packing.BLOCK_SHAPES[block][1]
+    weight = row_lengths_weight(45, 40 * unit, seed=20, unit=unit)
+    sparse = packing.pack_sparse_weight(weight, packing.BLOCK_SHAPES[block])
+    bias = torch.randn(45)
+    x = torch.randn(1, 40 * unit, generator=torch.Generator().manual_seed(21))
+    out = ops.sparse_linear(x, *sparse, bias, 45)
+    torch.testing.assert_close(out, (x.double() @ weight.double().t() + bias).float(), **FLOAT_TOL)
+    assert torch.equal(out[0, 0], bias[0])
+
+
+def test_sparse_linear_one_token_padding_keeps_infinity(isa):
+    # Row r has r + 1 weights of 1 and its last input is +inf: the lanes past the row must not turn
+    # the result into NaN (0 * inf) whatever the row length.
+    n, k = 20, 24
+    weight = (torch.arange(k)[None, :] <= torch.arange(n)[:, None]).float()
+    sparse = packing.pack_sparse_weight(weight)
+    for row in range(n):
+        x = torch.ones(1, k)
+        x[0, row] = float("inf")
+        out = ops.sparse_linear(x, *sparse, None, n)
+        assert torch.isposinf(out[0, row:]).all(), (row, out)
+        assert torch.equal(out[0, :row], torch.arange(1, row + 1, dtype=torch.float32))
+
+
 @pytest.mark.parametrize("block", ["unstructured", "4x1"])
 def test_sparse_linear_thread_count_independent(isa, block):
     weight = pruned_weight(300, 200, 0.8, block, seed=4)
@@ -175,6 +214,24 @@ def test_sparse_linear_rejects_index_out_of_range(isa, rows, bad_index):
     message = f"expected every index in col_idx to be below 12, but col_idx contains {bad_index}"
     with pytest.raises(RuntimeError, match=message):
         ops.sparse_linear(torch.randn(rows, 12), row_ptr, bad_idx, values, None, 8)
+
+
+@pytest.mark.parametrize("bad_row", [0, 5, 17])
+def test_one_token_kernels_reject_index_in_long_rows(isa, bad_row):
+    # Batches of rows with more than 8192 indices are checked row by row as they are read.
+    weight = torch.randn(18, 3000)
+    weight[:, ::2] = 0.0  # 1500 nonzeros, and 375 or more groups of 4, per row
+    row_ptr, col_idx, values = packing.pack_sparse_weight(weight)
+    bad_idx = col_idx.clone()
+    bad_idx[row_ptr[bad_row] + 7] = 3000
+    with pytest.raises(RuntimeError, match="col_idx to be below 3000, but col_idx contains 3000"):
+        ops.sparse_linear(torch.randn(1, 3000), row_ptr, bad_idx, values, None, 18)
+    q_w, w_scale = reference.quantize_weight_per_channel(weight)
+    (row_ptr, group_idx, values), sums = packing.pack_sparse_int8_weight(q_w)
+    bad_idx = group_idx.clone()
+    bad_idx[row_ptr[bad_row] + 7] = 750
+    with pytest.raises(RuntimeError, match="group_idx to be below 750, but group_idx contains 750"):
+        ops.sparse_int8_linear(torch.randn(1, 3000), row_ptr, bad_idx, values, sums, w_scale)
 
 
 @pytest.mark.parametrize("rows", [0, 1, 3, 6, 12])
@@ -262,6 +319,22 @@ def test_sparse_int8_linear_bits_equal_int8_linear(isa, m):
             expected = reference.dynamic_int8_linear(x, q_w, w_scale, bias)
         assert torch.equal(out, dense)
         assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("block", ["unstructured", "1x4"])
+def test_sparse_int8_linear_one_token_every_row_length(isa, block):
+    # Rows of 0 to 40 groups cover the one-token kernels' last step, and 45 rows end in a part
+    # of a batch of 16 rows; the bits equal those of the dense int8 GEMM.
+    unit = 4 if block == "1x4" else 1
+    weight = row_lengths_weight(45, 160, seed=22, unit=unit)
+    q_w, w_scale = reference.quantize_weight_per_channel(weight)
+    sparse, sums = packing.pack_sparse_int8_weight(q_w)
+    packed = packing.pack_int8_weight(q_w)
+    bias = torch.randn(45, generator=torch.Generator().manual_seed(23))
+    x = torch.randn(1, 160, generator=torch.Generator().manual_seed(24))
+    for quantization in [(), (torch.tensor(0.02), torch.tensor(130, dtype=torch.int32))]:
+        out = ops.sparse_int8_linear(x, *sparse, sums, w_scale, bias, *quantization)
+        assert torch.equal(out, ops.int8_linear(x, packed.packed, packed.sums, w_scale, bias, *quantization))
 
 
 @pytest.mark.parametrize("block", ["unstructured", "1x4"])

@@ -3,7 +3,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
+#include <memory>
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -110,6 +112,25 @@ const float* bias_data(const std::optional<at::Tensor>& bias, int64_t n, const c
   return b.const_data_ptr<float>();
 }
 
+// Calls with few activations quantize into a buffer of the calling thread, kept from call to
+// call: an allocation took about 0.35 us of a 6.6 us call of a 384x384 Int8Linear at M = 1 on
+// AMD Zen 4. The buffer is used only until the operator returns, and no operator runs inside
+// another on one thread.
+namespace {
+
+constexpr int64_t kReusedBytes = 64 * 1024;
+
+uint8_t* reused_buffer() {
+  thread_local std::unique_ptr<uint8_t[]> buffer;
+  if (!buffer) {
+    buffer.reset(new uint8_t[kReusedBytes + 64]);
+  }
+  const auto address = reinterpret_cast<std::uintptr_t>(buffer.get());
+  return buffer.get() + (64 - address % 64) % 64;  // 64-byte aligned, as at::empty's data
+}
+
+}  // namespace
+
 QuantizedActivations quantize_activations(const at::Tensor& x, int64_t stride,
                                           const std::optional<at::Tensor>& x_scale,
                                           const std::optional<at::Tensor>& x_zero_point, Isa isa,
@@ -122,8 +143,15 @@ QuantizedActivations quantize_activations(const at::Tensor& x, int64_t stride,
   // q, then the scales and zero points, each starting on a 64-byte boundary.
   const int64_t q_bytes = round_up(m * stride, 64);
   const int64_t scale_bytes = round_up(m * 4, 64);
-  at::Tensor storage = at::empty({q_bytes + scale_bytes + m * 4}, x.options().dtype(at::kByte));
-  uint8_t* q_ptr = storage.mutable_data_ptr<uint8_t>();
+  const int64_t bytes = q_bytes + scale_bytes + m * 4;
+  at::Tensor storage;
+  uint8_t* q_ptr = nullptr;
+  if (bytes <= kReusedBytes) {
+    q_ptr = reused_buffer();
+  } else {
+    storage = at::empty({bytes}, x.options().dtype(at::kByte));
+    q_ptr = storage.mutable_data_ptr<uint8_t>();
+  }
   float* scale_ptr = reinterpret_cast<float*>(q_ptr + q_bytes);
   int32_t* zp_ptr = reinterpret_cast<int32_t*>(q_ptr + q_bytes + scale_bytes);
   const float* x_ptr = x.const_data_ptr<float>();

@@ -166,19 +166,15 @@ __attribute__((target("avx2,fma"))) inline __m128 four_inputs(const float* x, co
   return _mm_set_ps(x[w >> 48], x[(w >> 32) & 0xFFFF], x[(w >> 16) & 0xFFFF], x[w & 0xFFFF]);
 }
 
-// Unstructured weights at M = 1 on AVX2. The row's indices are checked first. Then each vector of
-// 8 inputs is built from scalar loads: on Zen 2 this took 0.6 ns per nonzero at (4096, 4096),
-// and vgatherdps 0.9 ns.
-__attribute__((target("avx2,fma"))) void single_row_avx2(const SparseArgs& a, int64_t n, int64_t) {
+// Unstructured weights at M = 1 on AVX2, row n's products in 8 lanes: each vector of 8 inputs is
+// built from scalar loads. On Zen 2 this took 0.6 ns per nonzero at (4096, 4096), and vgatherdps
+// 0.9 ns. The last 1 to 7 nonzeros take one masked step, whose lanes past the row multiply zero
+// by zero. The caller checks the indices.
+__attribute__((target("avx2,fma"))) inline __m256 row_lanes_avx2(const SparseArgs& a, int64_t n) {
   const int32_t begin = a.row_ptr[n];
   const int64_t count = a.row_ptr[n + 1] - begin;
   const float* vals = a.values + begin;
   const uint16_t* idx = a.col_idx + begin;
-  if (!indices_below_avx2(idx, count, a.k_pad)) {
-    a.index_out_of_range->store(true, std::memory_order_relaxed);
-    return;
-  }
-
   const float* x = a.xt;
   __m256 acc0 = _mm256_setzero_ps();
   __m256 acc1 = _mm256_setzero_ps();
@@ -189,23 +185,33 @@ __attribute__((target("avx2,fma"))) void single_row_avx2(const SparseArgs& a, in
     acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(vals + i), x0, acc0);
     acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(vals + i + 8), x1, acc1);
   }
-  for (; i + 8 <= count; i += 8) {
+  if (i + 8 <= count) {
     const __m256 x0 = _mm256_set_m128(four_inputs(x, idx + i + 4), four_inputs(x, idx + i));
     acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(vals + i), x0, acc0);
+    i += 8;
   }
+  if (i < count) {
+    // Lanes past the row repeat the row's last input and are then zeroed.
+    const int64_t last = count - 1;
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256 in_row =
+        _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(count - i)), lane));
+    const __m256 xv = _mm256_setr_ps(x[idx[i]], x[idx[std::min(i + 1, last)]], x[idx[std::min(i + 2, last)]],
+                                     x[idx[std::min(i + 3, last)]], x[idx[std::min(i + 4, last)]],
+                                     x[idx[std::min(i + 5, last)]], x[idx[std::min(i + 6, last)]],
+                                     x[idx[std::min(i + 7, last)]]);
+    const __m256 wv = _mm256_maskload_ps(vals + i, _mm256_castps_si256(in_row));
+    acc1 = _mm256_fmadd_ps(wv, _mm256_and_ps(xv, in_row), acc1);
+  }
+  return _mm256_add_ps(acc0, acc1);
+}
 
-  const __m256 sum8 = _mm256_add_ps(acc0, acc1);
-  __m128 sum4 = _mm_add_ps(_mm256_castps256_ps128(sum8), _mm256_extractf128_ps(sum8, 1));
-  if (i + 4 <= count) {
-    sum4 = _mm_fmadd_ps(_mm_loadu_ps(vals + i), four_inputs(x, idx + i), sum4);
-    i += 4;
-  }
-  sum4 = _mm_add_ps(sum4, _mm_movehl_ps(sum4, sum4));
-  float sum = _mm_cvtss_f32(_mm_add_ss(sum4, _mm_movehdup_ps(sum4)));
-  for (; i < count; ++i) {
-    sum += vals[i] * x[idx[i]];
-  }
-  a.out[n] = sum + bias_at(a, n);
+// Lane j of the result is the sum of the 8 lanes of v[j].
+__attribute__((target("avx2,fma"))) inline __m256 sum_lanes8(const __m256* v) {
+  const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+  const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
+  // u0 holds the sums of lanes 0-3 of v[0..3] in its low half and of lanes 4-7 in its high half.
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
 }
 
 // Broadcast lanes for the pair kernel: value 2j of a 4-value load in lanes 0-3, value 2j + 1 in
@@ -288,20 +294,14 @@ __attribute__((target("avx2,fma"))) void octet_row_avx2(const SparseArgs& a, int
   store_lanes_strided(_mm256_add_ps(sum, _mm256_set1_ps(bias_at(a, n))), a.out + n, a.n, a.m);
 }
 
-// 1x4 blocks at M = 1 on AVX2: one vector carries the 4 inputs of two blocks, loaded directly.
-__attribute__((target("avx2,fma"))) void single_row_quads_avx2(const SparseArgs& a, int64_t n, int64_t) {
+// 1x4 blocks at M = 1 on AVX2, row n's products in 8 lanes: one vector carries the 4 inputs of two
+// blocks, loaded directly. The caller checks the indices.
+__attribute__((target("avx2,fma"))) inline __m256 row_quad_lanes_avx2(const SparseArgs& a, int64_t n) {
   const int32_t begin = a.row_ptr[n];
   const int32_t end = a.row_ptr[n + 1];
-  const uint32_t limit = static_cast<uint32_t>(a.k_pad / 4);
   const __m256 zero = _mm256_setzero_ps();
   __m256 acc[4] = {zero, zero, zero, zero};
-  bool bad = false;
-  // An index out of range is noted and replaced by 0, so that no load leaves the input row.
-  auto quad = [&](int32_t b) {
-    const uint32_t col = a.col_idx[b];
-    bad |= col >= limit;
-    return a.xt + 4 * static_cast<int64_t>(col < limit ? col : 0);
-  };
+  auto quad = [&](int32_t b) { return a.xt + 4 * static_cast<int64_t>(a.col_idx[b]); };
   int32_t b = begin;
   for (; b + 8 <= end; b += 8) {
     for (int s = 0; s < 4; ++s) {
@@ -313,16 +313,57 @@ __attribute__((target("avx2,fma"))) void single_row_quads_avx2(const SparseArgs&
     const __m256 xv = _mm256_loadu2_m128(quad(b + 1), quad(b));
     acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(a.values + 4 * static_cast<int64_t>(b)), xv, acc[0]);
   }
-  const __m256 sum8 = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
-  __m128 sum4 = _mm_add_ps(_mm256_castps256_ps128(sum8), _mm256_extractf128_ps(sum8, 1));
   if (b < end) {
-    sum4 = _mm_fmadd_ps(_mm_loadu_ps(a.values + 4 * static_cast<int64_t>(b)), _mm_loadu_ps(quad(b)), sum4);
+    const __m128 last = _mm_mul_ps(_mm_loadu_ps(a.values + 4 * static_cast<int64_t>(b)), _mm_loadu_ps(quad(b)));
+    acc[1] = _mm256_add_ps(acc[1], _mm256_set_m128(_mm_setzero_ps(), last));
   }
-  sum4 = _mm_add_ps(sum4, _mm_movehl_ps(sum4, sum4));
-  if (bad) {
-    a.index_out_of_range->store(true, std::memory_order_relaxed);
+  return _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+}
+
+// Unstructured weights (C = 1) and 1x4 blocks (C = 4) at M = 1 on AVX2, output rows [n0, n1), 8 at
+// a time: the 8 rows' indices are checked (kIndicesCheckedAtOnce), then the lanes of the 8 rows
+// are summed together and stored as one vector.
+template <int C>
+__attribute__((target("avx2,fma"))) void single_rows_avx2(const SparseArgs& a, int64_t n0, int64_t n1) {
+  const int64_t limit = a.k_pad / C;
+  for (int64_t n = n0; n < n1; n += 8) {
+    const int64_t rows = std::min<int64_t>(8, n1 - n);
+    const int32_t first = a.row_ptr[n];
+    const bool each_row = a.row_ptr[n + rows] - first > kIndicesCheckedAtOnce;
+    if (!each_row && !indices_below_avx2(a.col_idx + first, a.row_ptr[n + rows] - first, limit)) {
+      a.index_out_of_range->store(true, std::memory_order_relaxed);
+      return;
+    }
+    __m256 lanes[8];
+    #pragma GCC unroll 8
+    for (int j = 0; j < 8; ++j) {
+      if (j >= rows) {
+        lanes[j] = _mm256_setzero_ps();
+        continue;
+      }
+      const int32_t begin = a.row_ptr[n + j];
+      if (each_row && !indices_below_avx2(a.col_idx + begin, a.row_ptr[n + j + 1] - begin, limit)) {
+        a.index_out_of_range->store(true, std::memory_order_relaxed);
+        return;
+      }
+      if constexpr (C == 1) {
+        lanes[j] = row_lanes_avx2(a, n + j);
+      } else {
+        lanes[j] = row_quad_lanes_avx2(a, n + j);
+      }
+    }
+    const __m256 sums = sum_lanes8(lanes);
+    if (rows == 8) {
+      const __m256 bias = a.bias == nullptr ? _mm256_setzero_ps() : _mm256_loadu_ps(a.bias + n);
+      _mm256_storeu_ps(a.out + n, _mm256_add_ps(sums, bias));
+    } else {
+      alignas(32) float part[8];
+      _mm256_store_ps(part, sums);
+      for (int64_t j = 0; j < rows; ++j) {
+        a.out[n + j] = part[j] + bias_at(a, n + j);
+      }
+    }
   }
-  a.out[n] = _mm_cvtss_f32(_mm_add_ss(sum4, _mm_movehdup_ps(sum4))) + bias_at(a, n);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -427,13 +468,12 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m512i gather_indic
 }
 
 // Unstructured and 1x4 blocks at M = 1 where gathers are fast (use_gathers(); otherwise the AVX2
-// kernels above run): gather 16 inputs per step, two accumulators in turn.
-// Each gather reads only the lanes whose input index is below K_pad, and an index out of range
-// sets a.index_out_of_range, so the operator can skip its own scan of the indices.
-template <int R, int C>
-__attribute__((target("avx512f,avx512bw,avx512vl"))) void single_row_gather_avx512(const SparseArgs& a,
-                                                                                   int64_t n, int64_t) {
-  static_assert(R == 1, "the gather kernel computes one output per block row");
+// kernels above run), row n's products in 8 lanes: gather 16 inputs per step, two accumulators in
+// turn. Each gather reads only the lanes whose input index is below K_pad; the lanes of an index
+// out of range are added to out_of_range.
+template <int C>
+__attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m256 row_lanes_gather_avx512(
+    const SparseArgs& a, int64_t n, __mmask16& out_of_range) {
   const int32_t begin = a.row_ptr[n];
   const int64_t count = static_cast<int64_t>(a.row_ptr[n + 1] - begin) * C;  // values in this row
   const float* vals = a.values + static_cast<int64_t>(begin) * C;
@@ -442,7 +482,6 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void single_row_gather_avx5
   const __m512 zero = _mm512_setzero_ps();
   __m512 acc0 = zero;
   __m512 acc1 = zero;
-  __mmask16 out_of_range = 0;
   int64_t i = 0;
   for (; i + 32 <= count; i += 32) {
     const __m512i i0 = gather_indices<C>(idx, i, 16);
@@ -462,10 +501,31 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void single_row_gather_avx5
     __m512 xv = _mm512_mask_i32gather_ps(zero, in, indices, a.xt, 4);
     acc0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, vals + i), xv, acc0);
   }
-  if (out_of_range != 0) {
-    a.index_out_of_range->store(true, std::memory_order_relaxed);
+  const __m512 sum = _mm512_add_ps(acc0, acc1);
+  return _mm256_add_ps(_mm512_castps512_ps256(sum), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(sum), 1)));
+}
+
+// The gather kernel's output rows [n0, n1), 8 at a time: the lanes of 8 rows are summed together
+// and stored as one vector.
+template <int C>
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void single_rows_gather_avx512(const SparseArgs& a, int64_t n0,
+                                                                                    int64_t n1) {
+  for (int64_t n = n0; n < n1; n += 8) {
+    const int64_t rows = std::min<int64_t>(8, n1 - n);
+    __mmask16 out_of_range = 0;
+    __m256 lanes[8];
+    #pragma GCC unroll 8
+    for (int j = 0; j < 8; ++j) {
+      lanes[j] = j < rows ? row_lanes_gather_avx512<C>(a, n + j, out_of_range) : _mm256_setzero_ps();
+    }
+    if (out_of_range != 0) {
+      a.index_out_of_range->store(true, std::memory_order_relaxed);
+      return;
+    }
+    const __mmask8 mask = static_cast<__mmask8>(tail_mask_avx512(rows));
+    const __m256 bias = a.bias == nullptr ? _mm256_setzero_ps() : _mm256_maskz_loadu_ps(mask, a.bias + n);
+    _mm256_mask_storeu_ps(a.out + n, mask, _mm256_add_ps(sum_lanes8(lanes), bias));
   }
-  a.out[n] = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) + bias_at(a, n);
 }
 
 // acc plus the products of nonzeros b and b + 1 with their 8 token lanes (lanes 0-7 and 8-15).
@@ -571,10 +631,11 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void single_row_blocks_avx5
 using BlockRowFn = void (*)(const SparseArgs&, int64_t, int64_t);
 
 struct KernelChoice {
-  BlockRowFn fn;
+  BlockRowFn fn;  // (args, block row, chunk), or with `rows`, (args, first row, end row) of one token
   int64_t width;                // tokens per activation chunk
   bool checks_indices = false;  // the kernel reports an index out of range itself
   bool stores_transposed = false;  // the kernel writes SparseArgs::out_t instead of out
+  bool rows = false;               // fn takes a range of rows
 };
 
 // Accumulator sets for one vector of tokens: enough for 4 or more independent FMA chains.
@@ -590,9 +651,9 @@ KernelChoice avx512_kernel(int64_t m) {
   if (m == 1) {
     if constexpr (R == 1) {
       if (!use_gathers()) {
-        return {C == 1 ? single_row_avx2 : single_row_quads_avx2, 1, true};
+        return {single_rows_avx2<C>, 1, true, false, true};
       }
-      return {single_row_gather_avx512<R, C>, 1, true};
+      return {single_rows_gather_avx512<C>, 1, true, false, true};
     } else {
       return {single_row_blocks_avx512<R, C>, 1};
     }
@@ -616,7 +677,7 @@ template <int R, int C>
 KernelChoice avx2_kernel(int64_t m) {
   if constexpr (R == 1) {
     if (m == 1) {
-      return {C == 1 ? single_row_avx2 : single_row_quads_avx2, 1, true};
+      return {single_rows_avx2<C>, 1, true, false, true};
     }
   }
   if constexpr (R == 1 && C == 1) {
@@ -781,6 +842,10 @@ at::Tensor sparse_linear_cpu(const at::Tensor& x_in, const at::Tensor& row_ptr, 
   const int64_t blocks_per_row = std::max<int64_t>(1, col_idx.size(0) / std::max<int64_t>(block_rows, 1));
   const int64_t grain = std::max<int64_t>(1, (1 << 15) / (blocks_per_row * r * c * choice.width));
   at::parallel_for(0, chunks * block_rows, grain, [&](int64_t begin, int64_t end) {
+    if (choice.rows) {
+      choice.fn(args, begin, end);  // one token and R = 1: task t is output row t
+      return;
+    }
     // Task t is block row t % block_rows of chunk t / block_rows, stepped without divisions.
     int64_t chunk = begin / block_rows;
     int64_t br = begin - chunk * block_rows;

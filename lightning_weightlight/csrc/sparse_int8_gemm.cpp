@@ -135,26 +135,93 @@ __attribute__((target("avx2"))) inline __m256i eight_words(const int32_t* p) {
   return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
 }
 
+// The activation words of the four groups whose 16-bit indices are packed in w, lowest first.
+__attribute__((target("avx2"))) inline __m128i four_words(const int32_t* x, uint64_t w) {
+  return _mm_set_epi32(x[w >> 48], x[(w >> 32) & 0xFFFF], x[(w >> 16) & 0xFFFF], x[w & 0xFFFF]);
+}
+
 // The activation words of four groups whose 16-bit indices start at idx.
 __attribute__((target("avx2"))) inline __m128i four_words(const int32_t* x, const uint16_t* idx) {
   uint64_t w;
   std::memcpy(&w, idx, 8);
-  return _mm_set_epi32(x[w >> 48], x[(w >> 32) & 0xFFFF], x[(w >> 16) & 0xFFFF], x[w & 0xFFFF]);
+  return four_words(x, w);
 }
 
-// One token on AVX2: the row's indices are checked first, then vectors of 8 activation words are
-// built from scalar loads and multiplied with 8 weight words.
-__attribute__((target("avx2"))) void single_row_avx2(const SparseInt8Args& a, int64_t n, int64_t) {
+// Check the group indices of the one-token rows [n, n + rows) in one pass. A batch of more than
+// kIndicesCheckedAtOnce indices is left to row_checked() instead, row by row (each_row). An
+// index out of range sets a.index_out_of_range and returns false.
+__attribute__((target("avx2"))) inline bool batch_checked(const SparseInt8Args& a, int64_t n, int64_t rows,
+                                                          bool& each_row) {
+  const int32_t first = a.row_ptr[n];
+  const int64_t count = a.row_ptr[n + rows] - first;
+  each_row = count > kIndicesCheckedAtOnce;
+  if (each_row || indices_below_avx2(a.group_idx + first, count, a.groups)) {
+    return true;
+  }
+  a.index_out_of_range->store(true, std::memory_order_relaxed);
+  return false;
+}
+
+// The same for the indices of row n alone.
+__attribute__((target("avx2"))) inline bool row_checked(const SparseInt8Args& a, int64_t n) {
+  if (indices_below_avx2(a.group_idx + a.row_ptr[n], a.row_ptr[n + 1] - a.row_ptr[n], a.groups)) {
+    return true;
+  }
+  a.index_out_of_range->store(true, std::memory_order_relaxed);
+  return false;
+}
+
+// Lane j of the result is the sum of the 8 lanes of v[j], modulo 2^32.
+__attribute__((target("avx2"))) inline __m256i sum_lanes8_avx2(const __m256i* v) {
+  const __m256i u0 = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
+  const __m256i u1 = _mm256_hadd_epi32(_mm256_hadd_epi32(v[4], v[5]), _mm256_hadd_epi32(v[6], v[7]));
+  // u0 holds the sums of lanes 0-3 of v[0..3] in its low half and of lanes 4-7 in its high half.
+  return _mm256_add_epi32(_mm256_permute2x128_si256(u0, u1, 0x20), _mm256_permute2x128_si256(u0, u1, 0x31));
+}
+
+// Dequantize the sums of one token's output rows n .. n + count - 1 into a.out, 8 rows per
+// vector with the operations of dequantize(), so the results are the same bits.
+__attribute__((target("avx2"))) void dequantize_rows_avx2(const SparseInt8Args& a, const int32_t* sums, int64_t n,
+                                                          int64_t count) {
+  const __m256i zp = _mm256_set1_epi32(a.x_zero_point[0]);
+  const __m256 xs = _mm256_set1_ps(a.x_scale[0]);
+  int64_t j = 0;
+  for (; j + 8 <= count; j += 8) {
+    const __m256i s = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sums + j));
+    const __m256i w_sums = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.w_sums + n + j));
+    const __m256i centered = _mm256_sub_epi32(s, _mm256_mullo_epi32(zp, w_sums));
+    __m256 y = _mm256_mul_ps(_mm256_cvtepi32_ps(centered), _mm256_mul_ps(xs, _mm256_loadu_ps(a.w_scale + n + j)));
+    if (a.bias != nullptr) {
+      y = _mm256_add_ps(y, _mm256_loadu_ps(a.bias + n + j));
+    }
+    _mm256_storeu_ps(a.out + n + j, y);
+  }
+  for (; j < count; ++j) {
+    a.out[n + j] = dequantize(a, sums[j], 0, n + j);
+  }
+}
+
+// The activation words of the last 1 to 7 groups of a row, from position i of count: lanes past
+// the row repeat the row's last group.
+__attribute__((target("avx2"))) inline __m256i last_words(const int32_t* x, const uint16_t* idx, int64_t i,
+                                                          int64_t count) {
+  const int64_t last = count - 1;
+  return _mm256_setr_epi32(x[idx[i]], x[idx[std::min(i + 1, last)]], x[idx[std::min(i + 2, last)]],
+                           x[idx[std::min(i + 3, last)]], x[idx[std::min(i + 4, last)]],
+                           x[idx[std::min(i + 5, last)]], x[idx[std::min(i + 6, last)]],
+                           x[idx[std::min(i + 7, last)]]);
+}
+
+// One token on AVX2, row n's products in 8 lanes whose sum modulo 2^32 is the row's sum: vectors
+// of 8 activation words built from scalar loads and multiplied with 8 weight words. The last 1 to
+// 7 groups take one step whose lanes past the row have a zero weight. The caller checks the
+// indices.
+__attribute__((target("avx2"))) inline __m256i row_lanes_avx2(const SparseInt8Args& a, int64_t n) {
   const int32_t begin = a.row_ptr[n];
   const int64_t count = a.row_ptr[n + 1] - begin;
   const uint16_t* idx = a.group_idx + begin;
   const int32_t* vals = a.values + begin;
   const int32_t* x = a.xw;
-  if (!indices_below_avx2(idx, count, a.groups)) {
-    a.index_out_of_range->store(true, std::memory_order_relaxed);
-    return;
-  }
-
   __m256i acc0 = _mm256_setzero_si256();
   __m256i acc1 = _mm256_setzero_si256();
   int64_t i = 0;
@@ -164,19 +231,44 @@ __attribute__((target("avx2"))) void single_row_avx2(const SparseInt8Args& a, in
     acc0 = _mm256_add_epi32(acc0, dot_words_avx2(x0, eight_words(vals + i)));
     acc1 = _mm256_add_epi32(acc1, dot_words_avx2(x1, eight_words(vals + i + 8)));
   }
-  for (; i + 8 <= count; i += 8) {
+  if (i + 8 <= count) {
     const __m256i x0 = _mm256_set_m128i(four_words(x, idx + i + 4), four_words(x, idx + i));
     acc0 = _mm256_add_epi32(acc0, dot_words_avx2(x0, eight_words(vals + i)));
+    i += 8;
   }
+  if (i < count) {
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256i in_row = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(count - i)), lane);
+    const __m256i weights = _mm256_maskload_epi32(vals + i, in_row);
+    acc1 = _mm256_add_epi32(acc1, dot_words_avx2(last_words(x, idx, i, count), weights));
+  }
+  return _mm256_add_epi32(acc0, acc1);
+}
 
-  const __m256i sum8 = _mm256_add_epi32(acc0, acc1);
-  __m128i sum4 = _mm_add_epi32(_mm256_castsi256_si128(sum8), _mm256_extracti128_si256(sum8, 1));
-  sum4 = _mm_add_epi32(sum4, _mm_unpackhi_epi64(sum4, sum4));
-  uint32_t sum = static_cast<uint32_t>(_mm_cvtsi128_si32(sum4)) + static_cast<uint32_t>(_mm_extract_epi32(sum4, 1));
-  for (; i < count; ++i) {
-    sum += group_dot(a.q + static_cast<int64_t>(idx[i]) * 4, vals + i);
+// One token on AVX2, output rows [n0, n1), 16 at a time: the 16 rows' indices are checked
+// (batch_checked), the lanes of 8 rows are summed together, and 16 rows are dequantized together.
+__attribute__((target("avx2"))) void single_rows_avx2(const SparseInt8Args& a, int64_t n0, int64_t n1) {
+  alignas(32) int32_t sums[16];
+  for (int64_t n = n0; n < n1; n += 16) {
+    const int64_t rows = std::min<int64_t>(16, n1 - n);
+    bool each_row = false;
+    if (!batch_checked(a, n, rows, each_row)) {
+      return;
+    }
+    for (int64_t half = 0; half < rows; half += 8) {
+      __m256i lanes[8];
+      #pragma GCC unroll 8
+      for (int j = 0; j < 8; ++j) {
+        const bool in_batch = half + j < rows;
+        if (in_batch && each_row && !row_checked(a, n + half + j)) {
+          return;
+        }
+        lanes[j] = in_batch ? row_lanes_avx2(a, n + half + j) : _mm256_setzero_si256();
+      }
+      _mm256_store_si256(reinterpret_cast<__m256i*>(sums + half), sum_lanes8_avx2(lanes));
+    }
+    dequantize_rows_avx2(a, sums, n, rows);
   }
-  a.out[n] = dequantize(a, static_cast<int32_t>(sum), 0, n);
 }
 
 // The products of groups b (lanes 0-3) and b + 1 (lanes 4-7) with their 4 token words.
@@ -283,12 +375,13 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void row_avx512(
   }
 }
 
-// One token where gathers are fast (use_gathers()): gather the activation words of 16 groups and
-// multiply them with 16 weight words.
-// Each gather reads only the lanes whose group index is below the group count, and an index out
-// of range sets a.index_out_of_range, so the operator can skip its own scan of the indices.
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void single_row_avx512(const SparseInt8Args& a,
-                                                                                       int64_t n, int64_t) {
+// One token where gathers are fast (use_gathers()), row n's products in 8 lanes whose sum modulo
+// 2^32 is the row's sum: gather the activation words of 16 groups and multiply them with 16
+// weight words. Each gather reads only
+// the lanes whose group index is below the group count; the lanes of an index out of range are
+// added to out_of_range.
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) inline __m256i row_lanes_gather_avx512(
+    const SparseInt8Args& a, int64_t n, __mmask16& out_of_range) {
   const int32_t begin = a.row_ptr[n];
   const int64_t count = a.row_ptr[n + 1] - begin;
   const uint16_t* idx = a.group_idx + begin;
@@ -297,7 +390,6 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void single_row_
   const __m512i zero = _mm512_setzero_si512();
   __m512i acc0 = zero;
   __m512i acc1 = zero;
-  __mmask16 out_of_range = 0;
   int64_t i = 0;
   for (; i + 32 <= count; i += 32) {
     const __m512i g0 = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(idx + i)));
@@ -318,26 +410,22 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void single_row_
     const __m512i xv = _mm512_mask_i32gather_epi32(zero, in, g, a.xw, 4);
     acc0 = _mm512_dpbusd_epi32(acc0, xv, _mm512_maskz_loadu_epi32(mask, vals + i));
   }
-  if (out_of_range != 0) {
-    a.index_out_of_range->store(true, std::memory_order_relaxed);
-  }
-  a.out[n] = dequantize(a, _mm512_reduce_add_epi32(_mm512_add_epi32(acc0, acc1)), 0, n);
+  const __m512i sum = _mm512_add_epi32(acc0, acc1);
+  return _mm256_add_epi32(_mm512_castsi512_si256(sum), _mm512_extracti64x4_epi64(sum, 1));
 }
 
-// One token where gathers are slow (use_gathers() is false): vectors of 8 activation words built
-// from scalar loads, as on AVX2, multiplied with vpdpbusd. The row's indices are checked first.
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void single_row_loads_avx512(const SparseInt8Args& a,
-                                                                                            int64_t n, int64_t) {
+// One token where gathers are slow (use_gathers() is false), row n's products in 8 lanes as
+// above: vectors of 8 activation words built from scalar loads, as on AVX2, multiplied with
+// vpdpbusd.
+// The last 1 to 15 groups take masked steps of 8, whose lanes past the row read group 0 with a
+// zero weight. The caller checks the indices.
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) inline __m256i row_lanes_loads_avx512(
+    const SparseInt8Args& a, int64_t n) {
   const int32_t begin = a.row_ptr[n];
   const int64_t count = a.row_ptr[n + 1] - begin;
   const uint16_t* idx = a.group_idx + begin;
   const int32_t* vals = a.values + begin;
   const int32_t* x = a.xw;
-  if (!indices_below_avx2(idx, count, a.groups)) {
-    a.index_out_of_range->store(true, std::memory_order_relaxed);
-    return;
-  }
-
   __m256i acc0 = _mm256_setzero_si256();
   __m256i acc1 = _mm256_setzero_si256();
   int64_t i = 0;
@@ -352,19 +440,67 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void single_row_
     acc0 = _mm256_dpbusd_epi32(acc0, x0, eight_words(vals + i));
     i += 8;
   }
-  const __m256i sum8 = _mm256_add_epi32(acc0, acc1);
-  __m128i sum4 = _mm_add_epi32(_mm256_castsi256_si128(sum8), _mm256_extracti128_si256(sum8, 1));
-  if (i + 4 <= count) {
-    const __m128i four_weights = _mm_loadu_si128(reinterpret_cast<const __m128i*>(vals + i));
-    sum4 = _mm_dpbusd_epi32(sum4, four_words(x, idx + i), four_weights);
-    i += 4;
+  if (i < count) {
+    const __mmask8 lanes = static_cast<__mmask8>(tail_mask(count - i));
+    acc1 = _mm256_dpbusd_epi32(acc1, last_words(x, idx, i, count), _mm256_maskz_loadu_epi32(lanes, vals + i));
   }
-  sum4 = _mm_add_epi32(sum4, _mm_unpackhi_epi64(sum4, sum4));
-  uint32_t sum = static_cast<uint32_t>(_mm_cvtsi128_si32(sum4)) + static_cast<uint32_t>(_mm_extract_epi32(sum4, 1));
-  for (; i < count; ++i) {
-    sum += group_dot(a.q + static_cast<int64_t>(idx[i]) * 4, vals + i);
+  return _mm256_add_epi32(acc0, acc1);
+}
+
+// Dequantize the sums of one token's output rows n .. n + count - 1 (count <= 16) into a.out
+// with the operations of dequantize(), so the results are the same bits.
+__attribute__((target("avx512f,avx512bw,avx512vl"))) inline void dequantize_rows_avx512(const SparseInt8Args& a,
+                                                                                      const int32_t* sums,
+                                                                                      int64_t n, int64_t count) {
+  const __mmask16 mask = tail_mask(count);
+  const __m512i centered = _mm512_sub_epi32(
+      _mm512_maskz_loadu_epi32(mask, sums),
+      _mm512_mullo_epi32(_mm512_set1_epi32(a.x_zero_point[0]), _mm512_maskz_loadu_epi32(mask, a.w_sums + n)));
+  const __m512 scale = _mm512_mul_ps(_mm512_set1_ps(a.x_scale[0]), _mm512_maskz_loadu_ps(mask, a.w_scale + n));
+  __m512 y = _mm512_mul_ps(_mm512_cvtepi32_ps(centered), scale);
+  if (a.bias != nullptr) {
+    y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(mask, a.bias + n));
   }
-  a.out[n] = dequantize(a, static_cast<int32_t>(sum), 0, n);
+  _mm512_mask_storeu_ps(a.out + n, mask, y);
+}
+
+// One token on AVX-512, output rows [n0, n1), 16 at a time: the lanes of 8 rows are summed
+// together, and 16 rows are dequantized together. With gathers the reads are masked by the
+// index range; otherwise the 16 rows' indices are checked first (batch_checked).
+template <bool kGathers>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void single_rows_avx512(const SparseInt8Args& a,
+                                                                                        int64_t n0, int64_t n1) {
+  alignas(64) int32_t sums[16];
+  for (int64_t n = n0; n < n1; n += 16) {
+    const int64_t rows = std::min<int64_t>(16, n1 - n);
+    bool each_row = false;
+    if (!kGathers && !batch_checked(a, n, rows, each_row)) {
+      return;
+    }
+    __mmask16 out_of_range = 0;
+    for (int64_t half = 0; half < rows; half += 8) {
+      __m256i lanes[8];
+      #pragma GCC unroll 8
+      for (int j = 0; j < 8; ++j) {
+        const int64_t row = n + half + j;
+        if (half + j >= rows) {
+          lanes[j] = _mm256_setzero_si256();
+        } else if constexpr (kGathers) {
+          lanes[j] = row_lanes_gather_avx512(a, row, out_of_range);
+        } else if (each_row && !row_checked(a, row)) {
+          return;
+        } else {
+          lanes[j] = row_lanes_loads_avx512(a, row);
+        }
+      }
+      _mm256_store_si256(reinterpret_cast<__m256i*>(sums + half), sum_lanes8_avx2(lanes));
+    }
+    if (out_of_range != 0) {
+      a.index_out_of_range->store(true, std::memory_order_relaxed);
+      return;
+    }
+    dequantize_rows_avx512(a, sums, n, rows);
+  }
 }
 
 // Write the words of q (M, K_pad) into xw (chunks, K_pad / 4, width): token t is lane t % width
@@ -472,10 +608,12 @@ at::Tensor sparse_int8_linear_cpu(const at::Tensor& x_in, const at::Tensor& row_
   const Isa isa = active_isa();
 
   void (*kernel)(const SparseInt8Args&, int64_t, int64_t) = row_scalar;
+  // The vector kernels for one token take a range of output rows and check their indices.
+  void (*rows_kernel)(const SparseInt8Args&, int64_t, int64_t) = nullptr;
   int64_t width = 1;  // the scalar kernel and the single-token kernel read the rows of q
   if (has_avx512(isa)) {
     if (m == 1) {
-      kernel = use_gathers() ? single_row_avx512 : single_row_loads_avx512;
+      rows_kernel = use_gathers() ? single_rows_avx512<true> : single_rows_avx512<false>;
     } else if (m <= 8) {
       kernel = pair_row_avx512;
       width = 8;
@@ -488,7 +626,7 @@ at::Tensor sparse_int8_linear_cpu(const at::Tensor& x_in, const at::Tensor& row_
     }
   } else if (isa == Isa::kAvx2) {
     if (m == 1) {
-      kernel = single_row_avx2;
+      rows_kernel = single_rows_avx2;
     } else if (m <= 4) {
       kernel = pair_row_avx2;
       width = 4;
@@ -498,9 +636,7 @@ at::Tensor sparse_int8_linear_cpu(const at::Tensor& x_in, const at::Tensor& row_
     }
   }
   // The kernels for one token, and the AVX2 kernel for 2 to 4, check the group indices themselves.
-  const bool kernel_checks_indices =
-      kernel == single_row_avx512 || kernel == single_row_loads_avx512 || kernel == single_row_avx2 ||
-      kernel == pair_row_avx2;
+  const bool kernel_checks_indices = rows_kernel != nullptr || kernel == pair_row_avx2;
   check_block_rows(row_ptr, group_idx, n, groups, op, !(kernel_checks_indices && m > 0), "group_idx");
   const float* bias_ptr = bias_data(bias, n, op);
 
@@ -538,6 +674,10 @@ at::Tensor sparse_int8_linear_cpu(const at::Tensor& x_in, const at::Tensor& row_
   const int64_t groups_per_row = std::max<int64_t>(1, values.size(0) / std::max<int64_t>(n, 1));
   const int64_t grain = std::max<int64_t>(1, (1 << 16) / (groups_per_row * 4 * width));
   at::parallel_for(0, chunks * n, grain, [&](int64_t begin, int64_t end) {
+    if (rows_kernel != nullptr) {
+      rows_kernel(args, begin, end);  // one chunk: task t is output row t
+      return;
+    }
     // Task t is output row t % n of chunk t / n, stepped without divisions.
     int64_t chunk = begin / n;
     int64_t row = begin - chunk * n;
