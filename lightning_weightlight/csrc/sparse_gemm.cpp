@@ -561,20 +561,16 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) inline bool indices_below(c
   return _mm512_cmpge_epu16_mask(largest, bound) == 0;
 }
 
-// Unstructured weights at 2 to 8 tokens, in one chunk of 8 tokens: one vector contains the token
-// lanes of two nonzeros (lanes 0-7 the first, 8-15 the second), so no lane is padding at M = 8 and
-// the packed activations (K_pad x 8 floats) take half the cache of 16-token chunks. The row's
-// indices are checked first, which also brings them into L1 for the products.
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma"))) void pair_row_avx512(const SparseArgs& a,
-                                                                                  int64_t n, int64_t) {
+// Unstructured weights at 2 to 8 tokens, in one chunk of 8 tokens, row n's 8 token lanes: one
+// vector contains the token lanes of two nonzeros (lanes 0-7 the first, 8-15 the second), so no
+// lane is padding at M = 8 and the packed activations (K_pad x 8 floats) take half the cache of
+// 16-token chunks. The caller checks the indices.
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma"))) inline __m256 pair_row_tokens_avx512(
+    const SparseArgs& a, int64_t n) {
   const int32_t end = a.row_ptr[n + 1];
   const float* x = a.xt;
   const uint16_t* idx = a.col_idx;
   const float* vals = a.values;
-  if (!indices_below(idx, a.row_ptr[n], end, a.k_pad)) {
-    a.index_out_of_range->store(true, std::memory_order_relaxed);
-    return;
-  }
   __m512 acc0 = _mm512_setzero_ps();
   __m512 acc1 = _mm512_setzero_ps();
   __m512 acc2 = _mm512_setzero_ps();
@@ -594,8 +590,42 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma"))) void pair_row_
   if (b < end) {
     tokens = _mm256_fmadd_ps(_mm256_set1_ps(vals[b]), _mm256_loadu_ps(x + idx[b] * 8), tokens);
   }
-  tokens = _mm256_add_ps(tokens, _mm256_set1_ps(bias_at(a, n)));
-  store_lanes_strided(tokens, a.out + n, a.n, a.m);
+  return tokens;
+}
+
+// The pair kernel's output rows [n0, n1), 8 at a time: the rows' indices are checked (in one
+// pass up to kIndicesCheckedAtOnce), their token lanes are transposed, and each token's 8
+// outputs are stored as one vector.
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma"))) void pair_rows_avx512(const SparseArgs& a,
+                                                                                   int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; n += 8) {
+    const int64_t rows = std::min<int64_t>(8, n1 - n);
+    const int32_t first = a.row_ptr[n];
+    const bool each_row = a.row_ptr[n + rows] - first > kIndicesCheckedAtOnce;
+    if (!each_row && !indices_below(a.col_idx, first, a.row_ptr[n + rows], a.k_pad)) {
+      a.index_out_of_range->store(true, std::memory_order_relaxed);
+      return;
+    }
+    __m256 v[8];
+    #pragma GCC unroll 8
+    for (int j = 0; j < 8; ++j) {
+      if (j >= rows) {
+        v[j] = _mm256_setzero_ps();
+        continue;
+      }
+      if (each_row && !indices_below(a.col_idx, a.row_ptr[n + j], a.row_ptr[n + j + 1], a.k_pad)) {
+        a.index_out_of_range->store(true, std::memory_order_relaxed);
+        return;
+      }
+      v[j] = pair_row_tokens_avx512(a, n + j);
+    }
+    transpose8(v);
+    const __mmask8 mask = static_cast<__mmask8>(tail_mask_avx512(rows));
+    const __m256 bias = a.bias == nullptr ? _mm256_setzero_ps() : _mm256_maskz_loadu_ps(mask, a.bias + n);
+    for (int64_t t = 0; t < a.m; ++t) {
+      _mm256_mask_storeu_ps(a.out + t * a.n + n, mask, _mm256_add_ps(v[t], bias));
+    }
+  }
 }
 
 // Column blocks (R > 1) at M = 1: each input feeds R outputs, held in the lanes of one vector.
@@ -631,11 +661,11 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void single_row_blocks_avx5
 using BlockRowFn = void (*)(const SparseArgs&, int64_t, int64_t);
 
 struct KernelChoice {
-  BlockRowFn fn;  // (args, block row, chunk), or with `rows`, (args, first row, end row) of one token
+  BlockRowFn fn;  // (args, block row, chunk), or with `rows`, (args, first row, end row)
   int64_t width;                // tokens per activation chunk
   bool checks_indices = false;  // the kernel reports an index out of range itself
   bool stores_transposed = false;  // the kernel writes SparseArgs::out_t instead of out
-  bool rows = false;               // fn takes a range of rows
+  bool rows = false;               // fn takes a range of rows (one chunk, R = 1)
 };
 
 // Accumulator sets for one vector of tokens: enough for 4 or more independent FMA chains.
@@ -660,7 +690,7 @@ KernelChoice avx512_kernel(int64_t m) {
   }
   if constexpr (R == 1 && C == 1) {
     if (m <= 8) {
-      return {pair_row_avx512, 8, true};
+      return {pair_rows_avx512, 8, true, false, true};
     }
   }
   // One vector of 16 tokens for small batches, two (a 32-token chunk) above.
@@ -843,7 +873,7 @@ at::Tensor sparse_linear_cpu(const at::Tensor& x_in, const at::Tensor& row_ptr, 
   const int64_t grain = std::max<int64_t>(1, (1 << 15) / (blocks_per_row * r * c * choice.width));
   at::parallel_for(0, chunks * block_rows, grain, [&](int64_t begin, int64_t end) {
     if (choice.rows) {
-      choice.fn(args, begin, end);  // one token and R = 1: task t is output row t
+      choice.fn(args, begin, end);  // one chunk and R = 1: task t is output row t
       return;
     }
     // Task t is block row t % block_rows of chunk t / block_rows, stepped without divisions.

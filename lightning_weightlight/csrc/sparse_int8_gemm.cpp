@@ -543,10 +543,11 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) inline __m512i p
   return _mm512_dpbusd_epi32(acc, xv, wv);
 }
 
-// 2 to 8 tokens, in one chunk of 8: one vector contains the token lanes of two groups, so no lane
-// is padding at M = 8, as in the fp32 kernel for the same batches.
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void pair_row_avx512(const SparseInt8Args& a,
-                                                                                     int64_t n, int64_t) {
+// 2 to 8 tokens, in one chunk of 8, row n's sums for the 8 token lanes: one vector contains the
+// token lanes of two groups, so no lane is padding at M = 8, as in the fp32 kernel for the same
+// batches.
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) inline __m256i pair_row_tokens_avx512(
+    const SparseInt8Args& a, int64_t n) {
   const int32_t end = a.row_ptr[n + 1];
   const int32_t* x = a.xw;
   const uint16_t* idx = a.group_idx;
@@ -571,15 +572,36 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void pair_row_av
     const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + idx[b] * 8));
     tokens = _mm256_dpbusd_epi32(tokens, xv, _mm256_set1_epi32(vals[b]));
   }
-  const __mmask8 lanes = static_cast<__mmask8>(tail_mask(a.m));
-  const __m256i zp = _mm256_maskz_loadu_epi32(lanes, a.x_zero_point);
-  const __m256 xs = _mm256_maskz_loadu_ps(lanes, a.x_scale);
-  const __m256i centered = _mm256_sub_epi32(tokens, _mm256_mullo_epi32(zp, _mm256_set1_epi32(a.w_sums[n])));
-  __m256 y = _mm256_mul_ps(_mm256_cvtepi32_ps(centered), _mm256_mul_ps(xs, _mm256_set1_ps(a.w_scale[n])));
-  if (a.bias != nullptr) {
-    y = _mm256_add_ps(y, _mm256_set1_ps(a.bias[n]));
+  return tokens;
+}
+
+// The pair kernel's output rows [n0, n1), 8 at a time: the rows' token sums are transposed, and
+// each token's 8 outputs are dequantized and stored as one vector, with the operations of
+// dequantize(), so the results are the same bits.
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void pair_rows_avx512(const SparseInt8Args& a,
+                                                                                      int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; n += 8) {
+    const int64_t rows = std::min<int64_t>(8, n1 - n);
+    __m256 v[8];
+    #pragma GCC unroll 8
+    for (int j = 0; j < 8; ++j) {
+      v[j] = j < rows ? _mm256_castsi256_ps(pair_row_tokens_avx512(a, n + j)) : _mm256_setzero_ps();
+    }
+    transpose8(v);
+    const __mmask8 mask = static_cast<__mmask8>(tail_mask(rows));
+    const __m256i w_sums = _mm256_maskz_loadu_epi32(mask, a.w_sums + n);
+    const __m256 w_scale = _mm256_maskz_loadu_ps(mask, a.w_scale + n);
+    const __m256 bias = a.bias == nullptr ? _mm256_setzero_ps() : _mm256_maskz_loadu_ps(mask, a.bias + n);
+    for (int64_t t = 0; t < a.m; ++t) {
+      const __m256i zp_sums = _mm256_mullo_epi32(_mm256_set1_epi32(a.x_zero_point[t]), w_sums);
+      const __m256i centered = _mm256_sub_epi32(_mm256_castps_si256(v[t]), zp_sums);
+      __m256 y = _mm256_mul_ps(_mm256_cvtepi32_ps(centered), _mm256_mul_ps(_mm256_set1_ps(a.x_scale[t]), w_scale));
+      if (a.bias != nullptr) {
+        y = _mm256_add_ps(y, bias);
+      }
+      _mm256_mask_storeu_ps(a.out + t * a.n + n, mask, y);
+    }
   }
-  store_lanes_strided(y, a.out + n, a.n, a.m);
 }
 
 at::Tensor sparse_int8_linear_cpu(const at::Tensor& x_in, const at::Tensor& row_ptr, const at::Tensor& group_idx,
@@ -608,14 +630,15 @@ at::Tensor sparse_int8_linear_cpu(const at::Tensor& x_in, const at::Tensor& row_
   const Isa isa = active_isa();
 
   void (*kernel)(const SparseInt8Args&, int64_t, int64_t) = row_scalar;
-  // The vector kernels for one token take a range of output rows and check their indices.
+  // The vector kernels for one token take a range of output rows and check their indices, and
+  // the AVX-512 kernel for 2 to 8 tokens takes a range of rows.
   void (*rows_kernel)(const SparseInt8Args&, int64_t, int64_t) = nullptr;
   int64_t width = 1;  // the scalar kernel and the single-token kernel read the rows of q
   if (has_avx512(isa)) {
     if (m == 1) {
       rows_kernel = use_gathers() ? single_rows_avx512<true> : single_rows_avx512<false>;
     } else if (m <= 8) {
-      kernel = pair_row_avx512;
+      rows_kernel = pair_rows_avx512;
       width = 8;
     } else if (m <= 16) {
       kernel = row_avx512<1>;
@@ -636,7 +659,8 @@ at::Tensor sparse_int8_linear_cpu(const at::Tensor& x_in, const at::Tensor& row_
     }
   }
   // The kernels for one token, and the AVX2 kernel for 2 to 4, check the group indices themselves.
-  const bool kernel_checks_indices = rows_kernel != nullptr || kernel == pair_row_avx2;
+  const bool kernel_checks_indices =
+      (rows_kernel != nullptr && rows_kernel != pair_rows_avx512) || kernel == pair_row_avx2;
   check_block_rows(row_ptr, group_idx, n, groups, op, !(kernel_checks_indices && m > 0), "group_idx");
   const float* bias_ptr = bias_data(bias, n, op);
 
@@ -675,7 +699,7 @@ at::Tensor sparse_int8_linear_cpu(const at::Tensor& x_in, const at::Tensor& row_
   const int64_t grain = std::max<int64_t>(1, (1 << 16) / (groups_per_row * 4 * width));
   at::parallel_for(0, chunks * n, grain, [&](int64_t begin, int64_t end) {
     if (rows_kernel != nullptr) {
-      rows_kernel(args, begin, end);  // one chunk: task t is output row t
+      rows_kernel(args, begin, end);  // one chunk (M <= 8): task t is output row t
       return;
     }
     // Task t is output row t % n of chunk t / n, stepped without divisions.
