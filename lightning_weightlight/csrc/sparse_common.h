@@ -4,6 +4,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 
 #include <ATen/core/Tensor.h>
@@ -44,11 +45,28 @@ __attribute__((target("avx2"))) inline bool indices_below_avx2(const uint16_t* i
   return top < limit;
 }
 
-// The one-token kernels check the indices of a batch of rows in one pass when the batch has at
-// most this many; a longer batch is checked row by row just before each row is read, while its
-// indices are in L1. One pass over 8 rows of 2048 indices made SparseLinear at (4096, 4096) with
-// 50% sparsity 18% slower on AMD Zen 4.
+// The kernels that take a batch of rows check its indices in one pass when the batch has at most
+// this many, and otherwise row by row just before each row is read, while its indices are in
+// L1. One pass over 8 rows of 2048 indices made SparseLinear at (4096, 4096) with 50% sparsity
+// 18% slower on AMD Zen 4.
 constexpr int64_t kIndicesCheckedAtOnce = 8192;
+
+// Whether the batch of rows [n, n + rows) is checked row by row (see kIndicesCheckedAtOnce).
+inline bool check_each_row(const int32_t* row_ptr, int64_t n, int64_t rows) {
+  return row_ptr[n + rows] - row_ptr[n] > kIndicesCheckedAtOnce;
+}
+
+// Whether every index of the rows [n, n + rows), idx[row_ptr[n] .. row_ptr[n + rows]), is below
+// limit; otherwise set *out_of_range and return false.
+__attribute__((target("avx2"))) inline bool rows_checked(const int32_t* row_ptr, const uint16_t* idx, int64_t n,
+                                                         int64_t rows, int64_t limit,
+                                                         std::atomic<bool>* out_of_range) {
+  if (indices_below_avx2(idx + row_ptr[n], row_ptr[n + rows] - row_ptr[n], limit)) {
+    return true;
+  }
+  out_of_range->store(true, std::memory_order_relaxed);
+  return false;
+}
 
 // Transpose the 8 x 8 floats of v in place: lane i of v[j] moves to lane j of v[i].
 __attribute__((target("avx2"))) inline void transpose8(__m256* v) {

@@ -328,10 +328,8 @@ __attribute__((target("avx2,fma"))) void single_rows_avx2(const SparseArgs& a, i
   const int64_t limit = a.k_pad / C;
   for (int64_t n = n0; n < n1; n += 8) {
     const int64_t rows = std::min<int64_t>(8, n1 - n);
-    const int32_t first = a.row_ptr[n];
-    const bool each_row = a.row_ptr[n + rows] - first > kIndicesCheckedAtOnce;
-    if (!each_row && !indices_below_avx2(a.col_idx + first, a.row_ptr[n + rows] - first, limit)) {
-      a.index_out_of_range->store(true, std::memory_order_relaxed);
+    const bool each_row = check_each_row(a.row_ptr, n, rows);
+    if (!each_row && !rows_checked(a.row_ptr, a.col_idx, n, rows, limit, a.index_out_of_range)) {
       return;
     }
     __m256 lanes[8];
@@ -341,9 +339,7 @@ __attribute__((target("avx2,fma"))) void single_rows_avx2(const SparseArgs& a, i
         lanes[j] = _mm256_setzero_ps();
         continue;
       }
-      const int32_t begin = a.row_ptr[n + j];
-      if (each_row && !indices_below_avx2(a.col_idx + begin, a.row_ptr[n + j + 1] - begin, limit)) {
-        a.index_out_of_range->store(true, std::memory_order_relaxed);
+      if (each_row && !rows_checked(a.row_ptr, a.col_idx, n + j, 1, limit, a.index_out_of_range)) {
         return;
       }
       if constexpr (C == 1) {
@@ -600,10 +596,8 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma"))) void pair_rows
                                                                                    int64_t n0, int64_t n1) {
   for (int64_t n = n0; n < n1; n += 8) {
     const int64_t rows = std::min<int64_t>(8, n1 - n);
-    const int32_t first = a.row_ptr[n];
-    const bool each_row = a.row_ptr[n + rows] - first > kIndicesCheckedAtOnce;
-    if (!each_row && !indices_below(a.col_idx, first, a.row_ptr[n + rows], a.k_pad)) {
-      a.index_out_of_range->store(true, std::memory_order_relaxed);
+    const bool each_row = check_each_row(a.row_ptr, n, rows);
+    if (!each_row && !rows_checked(a.row_ptr, a.col_idx, n, rows, a.k_pad, a.index_out_of_range)) {
       return;
     }
     __m256 v[8];
@@ -613,8 +607,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma"))) void pair_rows
         v[j] = _mm256_setzero_ps();
         continue;
       }
-      if (each_row && !indices_below(a.col_idx, a.row_ptr[n + j], a.row_ptr[n + j + 1], a.k_pad)) {
-        a.index_out_of_range->store(true, std::memory_order_relaxed);
+      if (each_row && !rows_checked(a.row_ptr, a.col_idx, n + j, 1, a.k_pad, a.index_out_of_range)) {
         return;
       }
       v[j] = pair_row_tokens_avx512(a, n + j);

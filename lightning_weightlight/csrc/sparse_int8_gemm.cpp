@@ -147,30 +147,6 @@ __attribute__((target("avx2"))) inline __m128i four_words(const int32_t* x, cons
   return four_words(x, w);
 }
 
-// Check the group indices of the one-token rows [n, n + rows) in one pass. A batch of more than
-// kIndicesCheckedAtOnce indices is left to row_checked() instead, row by row (each_row). An
-// index out of range sets a.index_out_of_range and returns false.
-__attribute__((target("avx2"))) inline bool batch_checked(const SparseInt8Args& a, int64_t n, int64_t rows,
-                                                          bool& each_row) {
-  const int32_t first = a.row_ptr[n];
-  const int64_t count = a.row_ptr[n + rows] - first;
-  each_row = count > kIndicesCheckedAtOnce;
-  if (each_row || indices_below_avx2(a.group_idx + first, count, a.groups)) {
-    return true;
-  }
-  a.index_out_of_range->store(true, std::memory_order_relaxed);
-  return false;
-}
-
-// The same for the indices of row n alone.
-__attribute__((target("avx2"))) inline bool row_checked(const SparseInt8Args& a, int64_t n) {
-  if (indices_below_avx2(a.group_idx + a.row_ptr[n], a.row_ptr[n + 1] - a.row_ptr[n], a.groups)) {
-    return true;
-  }
-  a.index_out_of_range->store(true, std::memory_order_relaxed);
-  return false;
-}
-
 // Lane j of the result is the sum of the 8 lanes of v[j], modulo 2^32.
 __attribute__((target("avx2"))) inline __m256i sum_lanes8_avx2(const __m256i* v) {
   const __m256i u0 = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
@@ -246,24 +222,27 @@ __attribute__((target("avx2"))) inline __m256i row_lanes_avx2(const SparseInt8Ar
 }
 
 // One token on AVX2, output rows [n0, n1), 16 at a time: the 16 rows' indices are checked
-// (batch_checked), the lanes of 8 rows are summed together, and 16 rows are dequantized together.
+// (kIndicesCheckedAtOnce), the lanes of 8 rows are summed together, and 16 rows are dequantized together.
 __attribute__((target("avx2"))) void single_rows_avx2(const SparseInt8Args& a, int64_t n0, int64_t n1) {
   alignas(32) int32_t sums[16];
   for (int64_t n = n0; n < n1; n += 16) {
     const int64_t rows = std::min<int64_t>(16, n1 - n);
-    bool each_row = false;
-    if (!batch_checked(a, n, rows, each_row)) {
+    const bool each_row = check_each_row(a.row_ptr, n, rows);
+    if (!each_row && !rows_checked(a.row_ptr, a.group_idx, n, rows, a.groups, a.index_out_of_range)) {
       return;
     }
     for (int64_t half = 0; half < rows; half += 8) {
       __m256i lanes[8];
       #pragma GCC unroll 8
       for (int j = 0; j < 8; ++j) {
-        const bool in_batch = half + j < rows;
-        if (in_batch && each_row && !row_checked(a, n + half + j)) {
+        const int64_t row = n + half + j;
+        if (half + j >= rows) {
+          lanes[j] = _mm256_setzero_si256();
+        } else if (each_row && !rows_checked(a.row_ptr, a.group_idx, row, 1, a.groups, a.index_out_of_range)) {
           return;
+        } else {
+          lanes[j] = row_lanes_avx2(a, row);
         }
-        lanes[j] = in_batch ? row_lanes_avx2(a, n + half + j) : _mm256_setzero_si256();
       }
       _mm256_store_si256(reinterpret_cast<__m256i*>(sums + half), sum_lanes8_avx2(lanes));
     }
@@ -466,15 +445,16 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) inline void dequantize_rows
 
 // One token on AVX-512, output rows [n0, n1), 16 at a time: the lanes of 8 rows are summed
 // together, and 16 rows are dequantized together. With gathers the reads are masked by the
-// index range; otherwise the 16 rows' indices are checked first (batch_checked).
+// index range; otherwise the 16 rows' indices are checked first (kIndicesCheckedAtOnce).
 template <bool kGathers>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void single_rows_avx512(const SparseInt8Args& a,
                                                                                         int64_t n0, int64_t n1) {
   alignas(64) int32_t sums[16];
   for (int64_t n = n0; n < n1; n += 16) {
     const int64_t rows = std::min<int64_t>(16, n1 - n);
-    bool each_row = false;
-    if (!kGathers && !batch_checked(a, n, rows, each_row)) {
+    const bool each_row = !kGathers && check_each_row(a.row_ptr, n, rows);
+    if (!kGathers && !each_row &&
+        !rows_checked(a.row_ptr, a.group_idx, n, rows, a.groups, a.index_out_of_range)) {
       return;
     }
     __mmask16 out_of_range = 0;
@@ -487,7 +467,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void single_rows
           lanes[j] = _mm256_setzero_si256();
         } else if constexpr (kGathers) {
           lanes[j] = row_lanes_gather_avx512(a, row, out_of_range);
-        } else if (each_row && !row_checked(a, row)) {
+        } else if (each_row && !rows_checked(a.row_ptr, a.group_idx, row, 1, a.groups, a.index_out_of_range)) {
           return;
         } else {
           lanes[j] = row_lanes_loads_avx512(a, row);
