@@ -45,6 +45,29 @@ __attribute__((target("avx2"))) inline bool indices_below_avx2(const uint16_t* i
   return top < limit;
 }
 
+// Whether every index of idx[begin, end) is below limit, with AVX-512, 32 indices per step.
+__attribute__((target("avx512f,avx512bw,avx512vl"))) inline bool indices_below_avx512(const uint16_t* idx,
+                                                                                      int32_t begin, int32_t end,
+                                                                                      int64_t limit) {
+  if (limit > 65535 || begin == end) {
+    return true;  // an empty row, or a limit above every 16-bit index
+  }
+  if (limit <= 0) {
+    return false;
+  }
+  __m512i largest = _mm512_setzero_si512();
+  int32_t i = begin;
+  for (; i + 32 <= end; i += 32) {
+    largest = _mm512_max_epu16(largest, _mm512_loadu_si512(idx + i));
+  }
+  if (i < end) {
+    const __mmask32 tail = static_cast<__mmask32>((1ull << (end - i)) - 1u);
+    largest = _mm512_max_epu16(largest, _mm512_maskz_loadu_epi16(tail, idx + i));
+  }
+  const __m512i bound = _mm512_set1_epi16(static_cast<int16_t>(static_cast<uint16_t>(limit)));
+  return _mm512_cmpge_epu16_mask(largest, bound) == 0;
+}
+
 // The kernels that take a batch of rows check its indices in one pass when the batch has at most
 // this many, and otherwise row by row just before each row is read, while its indices are in
 // L1. One pass over 8 rows of 2048 indices made SparseLinear at (4096, 4096) with 50% sparsity
@@ -62,6 +85,17 @@ __attribute__((target("avx2"))) inline bool rows_checked(const int32_t* row_ptr,
                                                          int64_t rows, int64_t limit,
                                                          std::atomic<bool>* out_of_range) {
   if (indices_below_avx2(idx + row_ptr[n], row_ptr[n + rows] - row_ptr[n], limit)) {
+    return true;
+  }
+  out_of_range->store(true, std::memory_order_relaxed);
+  return false;
+}
+
+// The same with indices_below_avx512.
+__attribute__((target("avx512f,avx512bw,avx512vl"))) inline bool rows_checked_avx512(
+    const int32_t* row_ptr, const uint16_t* idx, int64_t n, int64_t rows, int64_t limit,
+    std::atomic<bool>* out_of_range) {
+  if (indices_below_avx512(idx, row_ptr[n], row_ptr[n + rows], limit)) {
     return true;
   }
   out_of_range->store(true, std::memory_order_relaxed);

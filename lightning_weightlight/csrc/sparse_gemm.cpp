@@ -535,28 +535,6 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) inline __m512 pair
   return _mm512_fmadd_ps(wv, xv, acc);
 }
 
-// Return whether every index of idx[begin, end) is below limit, reading 32 indices per step.
-__attribute__((target("avx512f,avx512bw,avx512vl"))) inline bool indices_below(const uint16_t* idx, int32_t begin,
-                                                                              int32_t end, int64_t limit) {
-  if (limit > 65535 || begin == end) {
-    return true;  // an empty row, or a limit above every 16-bit index
-  }
-  if (limit <= 0) {
-    return false;
-  }
-  __m512i largest = _mm512_setzero_si512();
-  int32_t i = begin;
-  for (; i + 32 <= end; i += 32) {
-    largest = _mm512_max_epu16(largest, _mm512_loadu_si512(idx + i));
-  }
-  if (i < end) {
-    const __mmask32 tail = static_cast<__mmask32>((1ull << (end - i)) - 1u);
-    largest = _mm512_max_epu16(largest, _mm512_maskz_loadu_epi16(tail, idx + i));
-  }
-  const __m512i bound = _mm512_set1_epi16(static_cast<int16_t>(static_cast<uint16_t>(limit)));
-  return _mm512_cmpge_epu16_mask(largest, bound) == 0;
-}
-
 // Unstructured weights at 2 to 8 tokens, in one chunk of 8 tokens, row n's 8 token lanes: one
 // vector contains the token lanes of two nonzeros (lanes 0-7 the first, 8-15 the second), so no
 // lane is padding at M = 8 and the packed activations (K_pad x 8 floats) take half the cache of
@@ -596,8 +574,10 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma"))) void pair_rows
                                                                                    int64_t n0, int64_t n1) {
   for (int64_t n = n0; n < n1; n += 8) {
     const int64_t rows = std::min<int64_t>(8, n1 - n);
-    const bool each_row = check_each_row(a.row_ptr, n, rows);
-    if (!each_row && !rows_checked(a.row_ptr, a.col_idx, n, rows, a.k_pad, a.index_out_of_range)) {
+    const int32_t first = a.row_ptr[n];
+    const bool each_row = a.row_ptr[n + rows] - first > kIndicesCheckedAtOnce;
+    if (!each_row && !indices_below_avx512(a.col_idx, first, a.row_ptr[n + rows], a.k_pad)) {
+      a.index_out_of_range->store(true, std::memory_order_relaxed);
       return;
     }
     __m256 v[8];
@@ -607,7 +587,8 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma"))) void pair_rows
         v[j] = _mm256_setzero_ps();
         continue;
       }
-      if (each_row && !rows_checked(a.row_ptr, a.col_idx, n + j, 1, a.k_pad, a.index_out_of_range)) {
+      if (each_row && !indices_below_avx512(a.col_idx, a.row_ptr[n + j], a.row_ptr[n + j + 1], a.k_pad)) {
+        a.index_out_of_range->store(true, std::memory_order_relaxed);
         return;
       }
       v[j] = pair_row_tokens_avx512(a, n + j);

@@ -454,7 +454,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void single_rows
     const int64_t rows = std::min<int64_t>(16, n1 - n);
     const bool each_row = !kGathers && check_each_row(a.row_ptr, n, rows);
     if (!kGathers && !each_row &&
-        !rows_checked(a.row_ptr, a.group_idx, n, rows, a.groups, a.index_out_of_range)) {
+        !rows_checked_avx512(a.row_ptr, a.group_idx, n, rows, a.groups, a.index_out_of_range)) {
       return;
     }
     __mmask16 out_of_range = 0;
@@ -467,7 +467,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void single_rows
           lanes[j] = _mm256_setzero_si256();
         } else if constexpr (kGathers) {
           lanes[j] = row_lanes_gather_avx512(a, row, out_of_range);
-        } else if (each_row && !rows_checked(a.row_ptr, a.group_idx, row, 1, a.groups, a.index_out_of_range)) {
+        } else if (each_row && !rows_checked_avx512(a.row_ptr, a.group_idx, row, 1, a.groups, a.index_out_of_range)) {
           return;
         } else {
           lanes[j] = row_lanes_loads_avx512(a, row);
