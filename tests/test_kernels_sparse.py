@@ -139,7 +139,7 @@ def row_lengths_weight(n, k, seed, unit=1):
 
 
 @pytest.mark.parametrize("block", ["unstructured", "1x4"])
-def test_sparse_linear_one_token_every_row_length(isa, block):
+def test_sparse_one_token_row_lengths(isa, block):
     # Rows of 0 to 40 nonzeros (or 1x4 blocks) cover the one-token kernels' masked last step, and
     # 45 rows end in a part of a batch of 8 rows.
     unit = packing.BLOCK_SHAPES[block][1]
@@ -152,7 +152,7 @@ def test_sparse_linear_one_token_every_row_length(isa, block):
     assert torch.equal(out[0, 0], bias[0])
 
 
-def test_sparse_linear_one_token_padding_keeps_infinity(isa):
+def test_one_token_padding_keeps_infinity(isa):
     # Row r has r + 1 weights of 1 and its last input is +inf: the lanes past the row must not turn
     # the result into NaN (0 * inf) whatever the row length.
     n, k = 20, 24
@@ -217,7 +217,7 @@ def test_sparse_linear_rejects_index_out_of_range(isa, rows, bad_index):
 
 
 @pytest.mark.parametrize("bad_row", [0, 5, 17])
-def test_one_token_kernels_reject_index_in_long_rows(isa, bad_row):
+def test_long_rows_reject_bad_index(isa, bad_row):
     # Batches of rows with more than 8192 indices are checked row by row as they are read.
     weight = torch.randn(18, 3000)
     weight[:, ::2] = 0.0  # 1500 nonzeros, and 375 or more groups of 4, per row
@@ -322,9 +322,9 @@ def test_sparse_int8_linear_bits_equal_int8_linear(isa, m):
 
 
 @pytest.mark.parametrize("block", ["unstructured", "1x4"])
-def test_sparse_int8_linear_one_token_every_row_length(isa, block):
+def test_int8_one_token_row_lengths(isa, block):
     # Rows of 0 to 40 groups cover the one-token kernels' last step, and 45 rows end in a part
-    # of a batch of 16 rows; the bits equal those of the dense int8 GEMM.
+    # of a batch of 16 rows. The bits must equal those of the dense int8 GEMM.
     unit = 4 if block == "1x4" else 1
     weight = row_lengths_weight(45, 160, seed=22, unit=unit)
     q_w, w_scale = reference.quantize_weight_per_channel(weight)

@@ -210,7 +210,7 @@ __attribute__((target("avx2,fma"))) inline __m256 row_lanes_avx2(const SparseArg
 __attribute__((target("avx2,fma"))) inline __m256 sum_lanes8(const __m256* v) {
   const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
   const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
-  // u0 holds the sums of lanes 0-3 of v[0..3] in its low half and of lanes 4-7 in its high half.
+  // u0 has the sums of lanes 0-3 of v[0..3] in its low half and of lanes 4-7 in its high half.
   return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
 }
 

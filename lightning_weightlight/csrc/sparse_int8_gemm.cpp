@@ -151,7 +151,7 @@ __attribute__((target("avx2"))) inline __m128i four_words(const int32_t* x, cons
 __attribute__((target("avx2"))) inline __m256i sum_lanes8_avx2(const __m256i* v) {
   const __m256i u0 = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
   const __m256i u1 = _mm256_hadd_epi32(_mm256_hadd_epi32(v[4], v[5]), _mm256_hadd_epi32(v[6], v[7]));
-  // u0 holds the sums of lanes 0-3 of v[0..3] in its low half and of lanes 4-7 in its high half.
+  // u0 has the sums of lanes 0-3 of v[0..3] in its low half and of lanes 4-7 in its high half.
   return _mm256_add_epi32(_mm256_permute2x128_si256(u0, u1, 0x20), _mm256_permute2x128_si256(u0, u1, 0x31));
 }
 
@@ -556,8 +556,8 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) inline __m256i p
 }
 
 // The pair kernel's output rows [n0, n1), 8 at a time: the rows' token sums are transposed, and
-// each token's 8 outputs are dequantized and stored as one vector, with the operations of
-// dequantize(), so the results are the same bits.
+// each token's 8 outputs are dequantized and stored as one vector. The dequantization uses the
+// operations of dequantize(), so the results are the same bits.
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void pair_rows_avx512(const SparseInt8Args& a,
                                                                                       int64_t n0, int64_t n1) {
   for (int64_t n = n0; n < n1; n += 8) {
