@@ -227,57 +227,43 @@ __attribute__((target("avx2,fma"))) inline __m256 pair_inputs(const float* x, co
   return _mm256_loadu2_m128(x + idx[b + 1] * 4, x + idx[b] * 4);
 }
 
-// Unstructured weights at 2 to 4 tokens on AVX2, in one chunk of 4 tokens: one vector carries the
-// 4 token lanes of two nonzeros, so that 4 tokens fill a vector as 8 do.
-__attribute__((target("avx2,fma"))) void pair_row_avx2(const SparseArgs& a, int64_t n, int64_t) {
-  const int32_t begin = a.row_ptr[n];
+// Unstructured weights at 2 to 4 tokens on AVX2, in one chunk of 4 tokens, row n's 4 token lanes:
+// one vector carries the 4 token lanes of two nonzeros, so that 4 tokens fill a vector as 8 do.
+// The caller checks the indices.
+__attribute__((target("avx2,fma"))) inline __m128 pair_row_tokens_avx2(const SparseArgs& a, int64_t n) {
   const int32_t end = a.row_ptr[n + 1];
   const uint16_t* idx = a.col_idx;
   const float* vals = a.values;
   const float* x = a.xt;
-  if (!indices_below_avx2(idx + begin, end - begin, a.k_pad)) {
-    a.index_out_of_range->store(true, std::memory_order_relaxed);
-    return;
-  }
-
   __m256 acc0 = _mm256_setzero_ps();
   __m256 acc1 = _mm256_setzero_ps();
   __m256 acc2 = _mm256_setzero_ps();
   __m256 acc3 = _mm256_setzero_ps();
-  int32_t b = begin;
+  int32_t b = a.row_ptr[n];
   for (; b + 8 <= end; b += 8) {
     acc0 = _mm256_fmadd_ps(pair_values(vals + b, 0), pair_inputs(x, idx, b), acc0);
     acc1 = _mm256_fmadd_ps(pair_values(vals + b, 1), pair_inputs(x, idx, b + 2), acc1);
     acc2 = _mm256_fmadd_ps(pair_values(vals + b + 4, 0), pair_inputs(x, idx, b + 4), acc2);
     acc3 = _mm256_fmadd_ps(pair_values(vals + b + 4, 1), pair_inputs(x, idx, b + 6), acc3);
   }
-
   const __m256 sum8 = _mm256_add_ps(_mm256_add_ps(acc0, acc1), _mm256_add_ps(acc2, acc3));
   __m128 tokens = _mm_add_ps(_mm256_castps256_ps128(sum8), _mm256_extractf128_ps(sum8, 1));
   for (; b < end; ++b) {
     tokens = _mm_fmadd_ps(_mm_set1_ps(vals[b]), _mm_loadu_ps(x + idx[b] * 4), tokens);
   }
-  alignas(16) float lanes[4];
-  _mm_store_ps(lanes, _mm_add_ps(tokens, _mm_set1_ps(bias_at(a, n))));
-  for (int64_t t = 0; t < a.m; ++t) {
-    a.out[t * a.n + n] = lanes[t];
-  }
+  return tokens;
 }
 
-// Unstructured weights at 5 to 8 tokens on AVX2, in one chunk of 8: each value is broadcast from
-// a 4-value load by an in-lane shuffle, so that a nonzero costs one load of its 8 token lanes.
-__attribute__((target("avx2,fma"))) void octet_row_avx2(const SparseArgs& a, int64_t n, int64_t) {
-  const int32_t begin = a.row_ptr[n];
+// Unstructured weights at 5 to 8 tokens on AVX2, in one chunk of 8, row n's 8 token lanes. Each
+// value is broadcast from a 4-value load by an in-lane shuffle, so a nonzero costs one load of
+// its 8 token lanes. The caller checks the indices.
+__attribute__((target("avx2,fma"))) inline __m256 octet_row_tokens_avx2(const SparseArgs& a, int64_t n) {
   const int32_t end = a.row_ptr[n + 1];
   const uint16_t* idx = a.col_idx;
   const float* vals = a.values;
   const float* x = a.xt;
-  if (!indices_below_avx2(idx + begin, end - begin, a.k_pad)) {
-    a.index_out_of_range->store(true, std::memory_order_relaxed);
-    return;
-  }
   __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-  int32_t b = begin;
+  int32_t b = a.row_ptr[n];
   for (; b + 4 <= end; b += 4) {
     const __m256 four = _mm256_broadcast_ps(reinterpret_cast<const __m128*>(vals + b));
     uint64_t w;
@@ -290,8 +276,41 @@ __attribute__((target("avx2,fma"))) void octet_row_avx2(const SparseArgs& a, int
   for (; b < end; ++b) {
     acc[0] = _mm256_fmadd_ps(_mm256_broadcast_ss(vals + b), _mm256_loadu_ps(x + idx[b] * 8), acc[0]);
   }
-  const __m256 sum = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
-  store_lanes_strided(_mm256_add_ps(sum, _mm256_set1_ps(bias_at(a, n))), a.out + n, a.n, a.m);
+  return _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+}
+
+// Unstructured weights at 2 to 4 (kTokens = 4) or 5 to 8 (kTokens = 8) tokens on AVX2, output
+// rows [n0, n1), 8 at a time: the rows' indices are checked (kIndicesCheckedAtOnce), their token
+// lanes are transposed, and each token's 8 outputs are stored as one vector.
+template <int kTokens>
+__attribute__((target("avx2,fma"))) void few_rows_avx2(const SparseArgs& a, int64_t n0, int64_t n1) {
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  for (int64_t n = n0; n < n1; n += 8) {
+    const int64_t rows = std::min<int64_t>(8, n1 - n);
+    const bool each_row = check_each_row(a.row_ptr, n, rows);
+    if (!each_row && !rows_checked(a.row_ptr, a.col_idx, n, rows, a.k_pad, a.index_out_of_range)) {
+      return;
+    }
+    __m256 v[8];
+    #pragma GCC unroll 8
+    for (int j = 0; j < 8; ++j) {
+      if (j >= rows) {
+        v[j] = _mm256_setzero_ps();
+      } else if (each_row && !rows_checked(a.row_ptr, a.col_idx, n + j, 1, a.k_pad, a.index_out_of_range)) {
+        return;
+      } else if constexpr (kTokens == 4) {
+        v[j] = _mm256_set_m128(_mm_setzero_ps(), pair_row_tokens_avx2(a, n + j));
+      } else {
+        v[j] = octet_row_tokens_avx2(a, n + j);
+      }
+    }
+    transpose8(v);
+    const __m256i in_batch = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(rows)), lane);
+    const __m256 bias = a.bias == nullptr ? _mm256_setzero_ps() : _mm256_maskload_ps(a.bias + n, in_batch);
+    for (int64_t t = 0; t < a.m; ++t) {
+      _mm256_maskstore_ps(a.out + t * a.n + n, in_batch, _mm256_add_ps(v[t], bias));
+    }
+  }
 }
 
 // 1x4 blocks at M = 1 on AVX2, row n's products in 8 lanes: one vector carries the 4 inputs of two
@@ -686,10 +705,10 @@ KernelChoice avx2_kernel(int64_t m) {
   }
   if constexpr (R == 1 && C == 1) {
     if (m <= 4) {
-      return {pair_row_avx2, 4, true};
+      return {few_rows_avx2<4>, 4, true, false, true};
     }
     if (m <= 8) {
-      return {octet_row_avx2, 8, true};
+      return {few_rows_avx2<8>, 8, true, false, true};
     }
   }
   // Accumulator sets for one vector of 8 tokens: enough for 8 or more independent FMA chains.

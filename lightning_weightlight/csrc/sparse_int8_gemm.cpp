@@ -395,9 +395,9 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) inline __m256i r
 
 // One token where gathers are slow (use_gathers() is false), row n's products in 8 lanes as
 // above: vectors of 8 activation words built from scalar loads, as on AVX2, multiplied with
-// vpdpbusd.
-// The last 1 to 15 groups take masked steps of 8, whose lanes past the row read group 0 with a
-// zero weight. The caller checks the indices.
+// vpdpbusd. The last 1 to 15 groups take at most one full step of 8 and one last step, whose
+// lanes past the row repeat the row's last group with a zero weight. The caller checks the
+// indices.
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) inline __m256i row_lanes_loads_avx512(
     const SparseInt8Args& a, int64_t n) {
   const int32_t begin = a.row_ptr[n];
