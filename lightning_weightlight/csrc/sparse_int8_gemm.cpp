@@ -85,12 +85,13 @@ void row_scalar(const SparseInt8Args& a, int64_t n, int64_t m) {
 // AVX2: the bytes of a word are split into even and odd int16 halves and multiplied with
 // vpmaddwd, so that no product saturates.
 
+// Row n's sums for the 8 * V tokens of `chunk`, in acc, modulo 2^32.
 template <int V>
-__attribute__((target("avx2,fma"))) void row_avx2(const SparseInt8Args& a, int64_t n, int64_t chunk) {
+__attribute__((target("avx2,fma"))) inline void row_sums_avx2(const SparseInt8Args& a, int64_t n, int64_t chunk,
+                                                              __m256i* acc) {
   constexpr int64_t kWidth = 8 * V;
   const __m256i low_bytes = _mm256_set1_epi32(0x00FF00FF);
   const int32_t* x = a.xw + chunk * a.groups * kWidth;
-  __m256i acc[V];
   #pragma GCC unroll 16
   for (int v = 0; v < V; ++v) {
     acc[v] = _mm256_setzero_si256();
@@ -109,6 +110,13 @@ __attribute__((target("avx2,fma"))) void row_avx2(const SparseInt8Args& a, int64
                                                          _mm256_madd_epi16(x_odd, w_odd)));
     }
   }
+}
+
+template <int V>
+__attribute__((target("avx2,fma"))) void row_avx2(const SparseInt8Args& a, int64_t n, int64_t chunk) {
+  constexpr int64_t kWidth = 8 * V;
+  __m256i acc[V];
+  row_sums_avx2<V>(a, n, chunk, acc);
   const int64_t m0 = chunk * kWidth;
   alignas(32) int32_t lanes[8];
   #pragma GCC unroll 16
@@ -260,21 +268,16 @@ __attribute__((target("avx2"))) inline __m256i pair_dot_avx2(const int32_t* x, c
   return dot_words_avx2(xv, _mm256_permutevar8x32_epi32(_mm256_castsi128_si256(two), halves));
 }
 
-// 2 to 4 tokens on AVX2, in one chunk of 4: one vector carries the 4 token words of two groups.
-__attribute__((target("avx2"))) void pair_row_avx2(const SparseInt8Args& a, int64_t n, int64_t) {
-  const int32_t begin = a.row_ptr[n];
+// 2 to 4 tokens on AVX2, in one chunk of 4, row n's sums for the 4 token lanes: one vector
+// carries the 4 token words of two groups. The caller checks the indices.
+__attribute__((target("avx2"))) inline __m128i pair_row_sums_avx2(const SparseInt8Args& a, int64_t n) {
   const int32_t end = a.row_ptr[n + 1];
   const uint16_t* idx = a.group_idx;
   const int32_t* vals = a.values;
   const int32_t* x = a.xw;
-  if (!indices_below_avx2(idx + begin, end - begin, a.groups)) {
-    a.index_out_of_range->store(true, std::memory_order_relaxed);
-    return;
-  }
-
   __m256i acc0 = _mm256_setzero_si256();
   __m256i acc1 = _mm256_setzero_si256();
-  int32_t b = begin;
+  int32_t b = a.row_ptr[n];
   for (; b + 4 <= end; b += 4) {
     acc0 = _mm256_add_epi32(acc0, pair_dot_avx2(x, idx, vals, b));
     acc1 = _mm256_add_epi32(acc1, pair_dot_avx2(x, idx, vals, b + 2));
@@ -282,17 +285,59 @@ __attribute__((target("avx2"))) void pair_row_avx2(const SparseInt8Args& a, int6
   for (; b + 2 <= end; b += 2) {
     acc0 = _mm256_add_epi32(acc0, pair_dot_avx2(x, idx, vals, b));
   }
-
   const __m256i sum = _mm256_add_epi32(acc0, acc1);
   __m128i tokens = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
-  alignas(16) int32_t lanes[4];
-  _mm_store_si128(reinterpret_cast<__m128i*>(lanes), tokens);
-  for (int64_t t = 0; t < a.m; ++t) {
-    uint32_t total = static_cast<uint32_t>(lanes[t]);
-    if (b < end) {
-      total += group_dot(reinterpret_cast<const uint8_t*>(x + idx[b] * 4 + t), vals + b);
+  if (b < end) {
+    // The low half of the product vector: the words of group b for the 4 tokens.
+    const __m128i words = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x + idx[b] * 4));
+    const __m256i last = dot_words_avx2(_mm256_castsi128_si256(words), _mm256_set1_epi32(vals[b]));
+    tokens = _mm_add_epi32(tokens, _mm256_castsi256_si128(last));
+  }
+  return tokens;
+}
+
+// 2 to 4 (kTokens = 4) or 5 to 8 (kTokens = 8) tokens on AVX2, output rows [n0, n1), 8 at a time:
+// the rows' indices are checked (kIndicesCheckedAtOnce), their token sums are transposed, and
+// each token's 8 outputs are dequantized and stored as one vector. The dequantization uses the
+// operations of dequantize(), so the results are the same bits.
+template <int kTokens>
+__attribute__((target("avx2,fma"))) void few_rows_avx2(const SparseInt8Args& a, int64_t n0, int64_t n1) {
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  for (int64_t n = n0; n < n1; n += 8) {
+    const int64_t rows = std::min<int64_t>(8, n1 - n);
+    const bool each_row = check_each_row(a.row_ptr, n, rows);
+    if (!each_row && !rows_checked(a.row_ptr, a.group_idx, n, rows, a.groups, a.index_out_of_range)) {
+      return;
     }
-    a.out[t * a.n + n] = dequantize(a, static_cast<int32_t>(total), t, n);
+    __m256 v[8];
+    #pragma GCC unroll 8
+    for (int j = 0; j < 8; ++j) {
+      if (j >= rows) {
+        v[j] = _mm256_setzero_ps();
+      } else if (each_row && !rows_checked(a.row_ptr, a.group_idx, n + j, 1, a.groups, a.index_out_of_range)) {
+        return;
+      } else if constexpr (kTokens == 4) {
+        v[j] = _mm256_castsi256_ps(_mm256_set_m128i(_mm_setzero_si128(), pair_row_sums_avx2(a, n + j)));
+      } else {
+        __m256i acc[1];
+        row_sums_avx2<1>(a, n + j, 0, acc);
+        v[j] = _mm256_castsi256_ps(acc[0]);
+      }
+    }
+    transpose8(v);
+    const __m256i in_batch = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(rows)), lane);
+    const __m256i w_sums = _mm256_maskload_epi32(a.w_sums + n, in_batch);
+    const __m256 w_scale = _mm256_maskload_ps(a.w_scale + n, in_batch);
+    const __m256 bias = a.bias == nullptr ? _mm256_setzero_ps() : _mm256_maskload_ps(a.bias + n, in_batch);
+    for (int64_t t = 0; t < a.m; ++t) {
+      const __m256i zp_sums = _mm256_mullo_epi32(_mm256_set1_epi32(a.x_zero_point[t]), w_sums);
+      const __m256i centered = _mm256_sub_epi32(_mm256_castps_si256(v[t]), zp_sums);
+      __m256 y = _mm256_mul_ps(_mm256_cvtepi32_ps(centered), _mm256_mul_ps(_mm256_set1_ps(a.x_scale[t]), w_scale));
+      if (a.bias != nullptr) {
+        y = _mm256_add_ps(y, bias);
+      }
+      _mm256_maskstore_ps(a.out + t * a.n + n, in_batch, y);
+    }
   }
 }
 
@@ -610,8 +655,7 @@ at::Tensor sparse_int8_linear_cpu(const at::Tensor& x_in, const at::Tensor& row_
   const Isa isa = active_isa();
 
   void (*kernel)(const SparseInt8Args&, int64_t, int64_t) = row_scalar;
-  // The vector kernels for one token take a range of output rows and check their indices, and
-  // the AVX-512 kernel for 2 to 8 tokens takes a range of rows.
+  // The vector kernels for 1 to 8 tokens take a range of output rows.
   void (*rows_kernel)(const SparseInt8Args&, int64_t, int64_t) = nullptr;
   int64_t width = 1;  // the scalar kernel and the single-token kernel read the rows of q
   if (has_avx512(isa)) {
@@ -631,16 +675,18 @@ at::Tensor sparse_int8_linear_cpu(const at::Tensor& x_in, const at::Tensor& row_
     if (m == 1) {
       rows_kernel = single_rows_avx2;
     } else if (m <= 4) {
-      kernel = pair_row_avx2;
+      rows_kernel = few_rows_avx2<4>;
       width = 4;
+    } else if (m <= 8) {
+      rows_kernel = few_rows_avx2<8>;
+      width = 8;
     } else {
-      kernel = m <= 8 ? row_avx2<1> : row_avx2<2>;
-      width = m <= 8 ? 8 : 16;
+      kernel = row_avx2<2>;
+      width = 16;
     }
   }
-  // The kernels for one token, and the AVX2 kernel for 2 to 4, check the group indices themselves.
-  const bool kernel_checks_indices =
-      (rows_kernel != nullptr && rows_kernel != pair_rows_avx512) || kernel == pair_row_avx2;
+  // The kernels for one token, and the AVX2 kernels for 2 to 8, check the group indices themselves.
+  const bool kernel_checks_indices = rows_kernel != nullptr && rows_kernel != pair_rows_avx512;
   check_block_rows(row_ptr, group_idx, n, groups, op, !(kernel_checks_indices && m > 0), "group_idx");
   const float* bias_ptr = bias_data(bias, n, op);
 
