@@ -229,8 +229,9 @@ def test_sparse_linear_rejects_index_out_of_range(isa, rows, bad_index):
         ops.sparse_linear(torch.randn(rows, 12), row_ptr, bad_idx, values, None, 8)
 
 
+@pytest.mark.parametrize("m", [1, 3, 8])
 @pytest.mark.parametrize("bad_row", [0, 5, 17])
-def test_long_rows_reject_bad_index(isa, bad_row):
+def test_long_rows_reject_bad_index(isa, bad_row, m):
     # Batches of rows with more than 8192 indices are checked row by row as they are read.
     weight = torch.randn(18, 3000)
     weight[:, ::2] = 0.0  # 1500 nonzeros, and 375 or more groups of 4, per row
@@ -238,13 +239,13 @@ def test_long_rows_reject_bad_index(isa, bad_row):
     bad_idx = col_idx.clone()
     bad_idx[row_ptr[bad_row] + 7] = 3000
     with pytest.raises(RuntimeError, match="col_idx to be below 3000, but col_idx contains 3000"):
-        ops.sparse_linear(torch.randn(1, 3000), row_ptr, bad_idx, values, None, 18)
+        ops.sparse_linear(torch.randn(m, 3000), row_ptr, bad_idx, values, None, 18)
     q_w, w_scale = reference.quantize_weight_per_channel(weight)
     (row_ptr, group_idx, values), sums = packing.pack_sparse_int8_weight(q_w)
     bad_idx = group_idx.clone()
     bad_idx[row_ptr[bad_row] + 7] = 750
     with pytest.raises(RuntimeError, match="group_idx to be below 750, but group_idx contains 750"):
-        ops.sparse_int8_linear(torch.randn(1, 3000), row_ptr, bad_idx, values, sums, w_scale)
+        ops.sparse_int8_linear(torch.randn(m, 3000), row_ptr, bad_idx, values, sums, w_scale)
 
 
 @pytest.mark.parametrize("rows", [0, 1, 3, 6, 12])
