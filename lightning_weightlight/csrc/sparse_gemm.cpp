@@ -279,12 +279,30 @@ __attribute__((target("avx2,fma"))) inline __m256 octet_row_tokens_avx2(const Sp
   return _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
 }
 
+// Store the transposed outputs of rows n .. n + rows - 1 (v[t] has token t's outputs) plus the
+// bias. A full batch of 8 rows takes unmasked loads and stores.
+__attribute__((target("avx2"))) inline void store_token_rows(const SparseArgs& a, const __m256* v, int64_t n,
+                                                             int64_t rows) {
+  if (rows == 8) {
+    const __m256 bias = a.bias == nullptr ? _mm256_setzero_ps() : _mm256_loadu_ps(a.bias + n);
+    for (int64_t t = 0; t < a.m; ++t) {
+      _mm256_storeu_ps(a.out + t * a.n + n, _mm256_add_ps(v[t], bias));
+    }
+    return;
+  }
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i in_batch = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(rows)), lane);
+  const __m256 bias = a.bias == nullptr ? _mm256_setzero_ps() : _mm256_maskload_ps(a.bias + n, in_batch);
+  for (int64_t t = 0; t < a.m; ++t) {
+    _mm256_maskstore_ps(a.out + t * a.n + n, in_batch, _mm256_add_ps(v[t], bias));
+  }
+}
+
 // Unstructured weights at 2 to 4 (kTokens = 4) or 5 to 8 (kTokens = 8) tokens on AVX2, output
 // rows [n0, n1), 8 at a time: the rows' indices are checked (kIndicesCheckedAtOnce), their token
 // lanes are transposed, and each token's 8 outputs are stored as one vector.
 template <int kTokens>
 __attribute__((target("avx2,fma"))) void few_rows_avx2(const SparseArgs& a, int64_t n0, int64_t n1) {
-  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   for (int64_t n = n0; n < n1; n += 8) {
     const int64_t rows = std::min<int64_t>(8, n1 - n);
     const bool each_row = check_each_row(a.row_ptr, n, rows);
@@ -305,11 +323,7 @@ __attribute__((target("avx2,fma"))) void few_rows_avx2(const SparseArgs& a, int6
       }
     }
     transpose8(v);
-    const __m256i in_batch = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(rows)), lane);
-    const __m256 bias = a.bias == nullptr ? _mm256_setzero_ps() : _mm256_maskload_ps(a.bias + n, in_batch);
-    for (int64_t t = 0; t < a.m; ++t) {
-      _mm256_maskstore_ps(a.out + t * a.n + n, in_batch, _mm256_add_ps(v[t], bias));
-    }
+    store_token_rows(a, v, n, rows);
   }
 }
 
@@ -613,11 +627,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma"))) void pair_rows
       v[j] = pair_row_tokens_avx512(a, n + j);
     }
     transpose8(v);
-    const __mmask8 mask = static_cast<__mmask8>(tail_mask_avx512(rows));
-    const __m256 bias = a.bias == nullptr ? _mm256_setzero_ps() : _mm256_maskz_loadu_ps(mask, a.bias + n);
-    for (int64_t t = 0; t < a.m; ++t) {
-      _mm256_mask_storeu_ps(a.out + t * a.n + n, mask, _mm256_add_ps(v[t], bias));
-    }
+    store_token_rows(a, v, n, rows);
   }
 }
 

@@ -296,13 +296,42 @@ __attribute__((target("avx2"))) inline __m128i pair_row_sums_avx2(const SparseIn
   return tokens;
 }
 
+// Dequantize and store the transposed sums of rows n .. n + rows - 1 (v[t] has token t's sums).
+// The operations are those of dequantize(), so the results are the same bits. A full batch of 8
+// rows takes unmasked loads and stores.
+__attribute__((target("avx2"))) inline void store_token_rows(const SparseInt8Args& a, const __m256* v, int64_t n,
+                                                             int64_t rows) {
+  const bool full = rows == 8;
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i in_batch = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(rows)), lane);
+  const __m256i w_sums = full ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.w_sums + n))
+                              : _mm256_maskload_epi32(a.w_sums + n, in_batch);
+  const __m256 w_scale = full ? _mm256_loadu_ps(a.w_scale + n) : _mm256_maskload_ps(a.w_scale + n, in_batch);
+  __m256 bias = _mm256_setzero_ps();
+  if (a.bias != nullptr) {
+    bias = full ? _mm256_loadu_ps(a.bias + n) : _mm256_maskload_ps(a.bias + n, in_batch);
+  }
+  for (int64_t t = 0; t < a.m; ++t) {
+    const __m256i zp_sums = _mm256_mullo_epi32(_mm256_set1_epi32(a.x_zero_point[t]), w_sums);
+    const __m256i centered = _mm256_sub_epi32(_mm256_castps_si256(v[t]), zp_sums);
+    __m256 y = _mm256_mul_ps(_mm256_cvtepi32_ps(centered), _mm256_mul_ps(_mm256_set1_ps(a.x_scale[t]), w_scale));
+    if (a.bias != nullptr) {
+      y = _mm256_add_ps(y, bias);
+    }
+    if (full) {
+      _mm256_storeu_ps(a.out + t * a.n + n, y);
+    } else {
+      _mm256_maskstore_ps(a.out + t * a.n + n, in_batch, y);
+    }
+  }
+}
+
 // 2 to 4 (kTokens = 4) or 5 to 8 (kTokens = 8) tokens on AVX2, output rows [n0, n1), 8 at a time:
 // the rows' indices are checked (kIndicesCheckedAtOnce), their token sums are transposed, and
 // each token's 8 outputs are dequantized and stored as one vector. The dequantization uses the
 // operations of dequantize(), so the results are the same bits.
 template <int kTokens>
 __attribute__((target("avx2,fma"))) void few_rows_avx2(const SparseInt8Args& a, int64_t n0, int64_t n1) {
-  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   for (int64_t n = n0; n < n1; n += 8) {
     const int64_t rows = std::min<int64_t>(8, n1 - n);
     const bool each_row = check_each_row(a.row_ptr, n, rows);
@@ -325,19 +354,7 @@ __attribute__((target("avx2,fma"))) void few_rows_avx2(const SparseInt8Args& a, 
       }
     }
     transpose8(v);
-    const __m256i in_batch = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(rows)), lane);
-    const __m256i w_sums = _mm256_maskload_epi32(a.w_sums + n, in_batch);
-    const __m256 w_scale = _mm256_maskload_ps(a.w_scale + n, in_batch);
-    const __m256 bias = a.bias == nullptr ? _mm256_setzero_ps() : _mm256_maskload_ps(a.bias + n, in_batch);
-    for (int64_t t = 0; t < a.m; ++t) {
-      const __m256i zp_sums = _mm256_mullo_epi32(_mm256_set1_epi32(a.x_zero_point[t]), w_sums);
-      const __m256i centered = _mm256_sub_epi32(_mm256_castps_si256(v[t]), zp_sums);
-      __m256 y = _mm256_mul_ps(_mm256_cvtepi32_ps(centered), _mm256_mul_ps(_mm256_set1_ps(a.x_scale[t]), w_scale));
-      if (a.bias != nullptr) {
-        y = _mm256_add_ps(y, bias);
-      }
-      _mm256_maskstore_ps(a.out + t * a.n + n, in_batch, y);
-    }
+    store_token_rows(a, v, n, rows);
   }
 }
 
@@ -613,19 +630,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void pair_rows_a
       v[j] = j < rows ? _mm256_castsi256_ps(pair_row_tokens_avx512(a, n + j)) : _mm256_setzero_ps();
     }
     transpose8(v);
-    const __mmask8 mask = static_cast<__mmask8>(tail_mask(rows));
-    const __m256i w_sums = _mm256_maskz_loadu_epi32(mask, a.w_sums + n);
-    const __m256 w_scale = _mm256_maskz_loadu_ps(mask, a.w_scale + n);
-    const __m256 bias = a.bias == nullptr ? _mm256_setzero_ps() : _mm256_maskz_loadu_ps(mask, a.bias + n);
-    for (int64_t t = 0; t < a.m; ++t) {
-      const __m256i zp_sums = _mm256_mullo_epi32(_mm256_set1_epi32(a.x_zero_point[t]), w_sums);
-      const __m256i centered = _mm256_sub_epi32(_mm256_castps_si256(v[t]), zp_sums);
-      __m256 y = _mm256_mul_ps(_mm256_cvtepi32_ps(centered), _mm256_mul_ps(_mm256_set1_ps(a.x_scale[t]), w_scale));
-      if (a.bias != nullptr) {
-        y = _mm256_add_ps(y, bias);
-      }
-      _mm256_mask_storeu_ps(a.out + t * a.n + n, mask, y);
-    }
+    store_token_rows(a, v, n, rows);
   }
 }
 
