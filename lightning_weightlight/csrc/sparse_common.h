@@ -45,7 +45,7 @@ __attribute__((target("avx2"))) inline bool indices_below_avx2(const uint16_t* i
   return top < limit;
 }
 
-// Whether every index of idx[begin, end) is below limit, with AVX-512, 32 indices per step.
+// Return whether every index of idx[begin, end) is below limit, with AVX-512, 32 indices per step.
 __attribute__((target("avx512f,avx512bw,avx512vl"))) inline bool indices_below_avx512(const uint16_t* idx,
                                                                                       int32_t begin, int32_t end,
                                                                                       int64_t limit) {
@@ -74,13 +74,13 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) inline bool indices_below_a
 // 18% slower on AMD Zen 4.
 constexpr int64_t kIndicesCheckedAtOnce = 8192;
 
-// Whether the batch of rows [n, n + rows) is checked row by row (see kIndicesCheckedAtOnce).
+// Return whether the batch of rows [n, n + rows) is checked row by row (kIndicesCheckedAtOnce).
 inline bool check_each_row(const int32_t* row_ptr, int64_t n, int64_t rows) {
   return row_ptr[n + rows] - row_ptr[n] > kIndicesCheckedAtOnce;
 }
 
-// Whether every index of the rows [n, n + rows), idx[row_ptr[n] .. row_ptr[n + rows]), is below
-// limit; otherwise set *out_of_range and return false.
+// Return whether every index of the rows [n, n + rows), idx[row_ptr[n] .. row_ptr[n + rows]), is
+// below limit. Otherwise set *out_of_range and return false.
 __attribute__((target("avx2"))) inline bool rows_checked(const int32_t* row_ptr, const uint16_t* idx, int64_t n,
                                                          int64_t rows, int64_t limit,
                                                          std::atomic<bool>* out_of_range) {

@@ -206,7 +206,7 @@ __attribute__((target("avx2,fma"))) inline __m256 row_lanes_avx2(const SparseArg
   return _mm256_add_ps(acc0, acc1);
 }
 
-// Lane j of the result is the sum of the 8 lanes of v[j].
+// Return a vector whose lane j is the sum of the 8 lanes of v[j].
 __attribute__((target("avx2,fma"))) inline __m256 sum_lanes8(const __m256* v) {
   const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
   const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
@@ -279,8 +279,8 @@ __attribute__((target("avx2,fma"))) inline __m256 octet_row_tokens_avx2(const Sp
   return _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
 }
 
-// Store the transposed outputs of rows n .. n + rows - 1 (v[t] has token t's outputs) plus the
-// bias. A full batch of 8 rows takes unmasked loads and stores.
+// Store the outputs of rows n .. n + rows - 1 plus the bias, where v[t] contains token t's
+// outputs for each of the a.m tokens. A full batch of 8 rows takes unmasked loads and stores.
 __attribute__((target("avx2"))) inline void store_token_rows(const SparseArgs& a, const __m256* v, int64_t n,
                                                              int64_t rows) {
   if (rows == 8) {
@@ -382,16 +382,7 @@ __attribute__((target("avx2,fma"))) void single_rows_avx2(const SparseArgs& a, i
       }
     }
     const __m256 sums = sum_lanes8(lanes);
-    if (rows == 8) {
-      const __m256 bias = a.bias == nullptr ? _mm256_setzero_ps() : _mm256_loadu_ps(a.bias + n);
-      _mm256_storeu_ps(a.out + n, _mm256_add_ps(sums, bias));
-    } else {
-      alignas(32) float part[8];
-      _mm256_store_ps(part, sums);
-      for (int64_t j = 0; j < rows; ++j) {
-        a.out[n + j] = part[j] + bias_at(a, n + j);
-      }
-    }
+    store_token_rows(a, &sums, n, rows);
   }
 }
 
@@ -498,7 +489,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m512i gather_indic
 
 // Unstructured and 1x4 blocks at M = 1 where gathers are fast (use_gathers(); otherwise the AVX2
 // kernels above run), row n's products in 8 lanes: gather 16 inputs per step, two accumulators in
-// turn. Each gather reads only the lanes whose input index is below K_pad; the lanes of an index
+// turn. Each gather reads only the lanes whose input index is below K_pad, and the lanes of an index
 // out of range are added to out_of_range.
 template <int C>
 __attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m256 row_lanes_gather_avx512(
@@ -551,9 +542,8 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void single_rows_gather_avx
       a.index_out_of_range->store(true, std::memory_order_relaxed);
       return;
     }
-    const __mmask8 mask = static_cast<__mmask8>(tail_mask_avx512(rows));
-    const __m256 bias = a.bias == nullptr ? _mm256_setzero_ps() : _mm256_maskz_loadu_ps(mask, a.bias + n);
-    _mm256_mask_storeu_ps(a.out + n, mask, _mm256_add_ps(sum_lanes8(lanes), bias));
+    const __m256 sums = sum_lanes8(lanes);
+    store_token_rows(a, &sums, n, rows);
   }
 }
 

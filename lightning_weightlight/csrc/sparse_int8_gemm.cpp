@@ -155,7 +155,7 @@ __attribute__((target("avx2"))) inline __m128i four_words(const int32_t* x, cons
   return four_words(x, w);
 }
 
-// Lane j of the result is the sum of the 8 lanes of v[j], modulo 2^32.
+// Return a vector whose lane j is the sum of the 8 lanes of v[j], modulo 2^32.
 __attribute__((target("avx2"))) inline __m256i sum_lanes8_avx2(const __m256i* v) {
   const __m256i u0 = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
   const __m256i u1 = _mm256_hadd_epi32(_mm256_hadd_epi32(v[4], v[5]), _mm256_hadd_epi32(v[6], v[7]));
@@ -163,25 +163,33 @@ __attribute__((target("avx2"))) inline __m256i sum_lanes8_avx2(const __m256i* v)
   return _mm256_add_epi32(_mm256_permute2x128_si256(u0, u1, 0x20), _mm256_permute2x128_si256(u0, u1, 0x31));
 }
 
-// Dequantize the sums of one token's output rows n .. n + count - 1 into a.out, 8 rows per
-// vector with the operations of dequantize(), so the results are the same bits.
-__attribute__((target("avx2"))) void dequantize_rows_avx2(const SparseInt8Args& a, const int32_t* sums, int64_t n,
-                                                          int64_t count) {
-  const __m256i zp = _mm256_set1_epi32(a.x_zero_point[0]);
-  const __m256 xs = _mm256_set1_ps(a.x_scale[0]);
-  int64_t j = 0;
-  for (; j + 8 <= count; j += 8) {
-    const __m256i s = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sums + j));
-    const __m256i w_sums = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.w_sums + n + j));
-    const __m256i centered = _mm256_sub_epi32(s, _mm256_mullo_epi32(zp, w_sums));
-    __m256 y = _mm256_mul_ps(_mm256_cvtepi32_ps(centered), _mm256_mul_ps(xs, _mm256_loadu_ps(a.w_scale + n + j)));
-    if (a.bias != nullptr) {
-      y = _mm256_add_ps(y, _mm256_loadu_ps(a.bias + n + j));
-    }
-    _mm256_storeu_ps(a.out + n + j, y);
+// Dequantize and store the sums of rows n .. n + rows - 1, where v[t] contains token t's sums for
+// each of the a.m tokens. The operations are those of dequantize(), so the results are the same
+// bits. A full batch of 8 rows takes unmasked loads and stores.
+__attribute__((target("avx2"))) inline void store_token_rows(const SparseInt8Args& a, const __m256* v, int64_t n,
+                                                             int64_t rows) {
+  const bool full = rows == 8;
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i in_batch = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(rows)), lane);
+  const __m256i w_sums = full ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.w_sums + n))
+                              : _mm256_maskload_epi32(a.w_sums + n, in_batch);
+  const __m256 w_scale = full ? _mm256_loadu_ps(a.w_scale + n) : _mm256_maskload_ps(a.w_scale + n, in_batch);
+  __m256 bias = _mm256_setzero_ps();
+  if (a.bias != nullptr) {
+    bias = full ? _mm256_loadu_ps(a.bias + n) : _mm256_maskload_ps(a.bias + n, in_batch);
   }
-  for (; j < count; ++j) {
-    a.out[n + j] = dequantize(a, sums[j], 0, n + j);
+  for (int64_t t = 0; t < a.m; ++t) {
+    const __m256i zp_sums = _mm256_mullo_epi32(_mm256_set1_epi32(a.x_zero_point[t]), w_sums);
+    const __m256i centered = _mm256_sub_epi32(_mm256_castps_si256(v[t]), zp_sums);
+    __m256 y = _mm256_mul_ps(_mm256_cvtepi32_ps(centered), _mm256_mul_ps(_mm256_set1_ps(a.x_scale[t]), w_scale));
+    if (a.bias != nullptr) {
+      y = _mm256_add_ps(y, bias);
+    }
+    if (full) {
+      _mm256_storeu_ps(a.out + t * a.n + n, y);
+    } else {
+      _mm256_maskstore_ps(a.out + t * a.n + n, in_batch, y);
+    }
   }
 }
 
@@ -230,9 +238,8 @@ __attribute__((target("avx2"))) inline __m256i row_lanes_avx2(const SparseInt8Ar
 }
 
 // One token on AVX2, output rows [n0, n1), 16 at a time: the 16 rows' indices are checked
-// (kIndicesCheckedAtOnce), the lanes of 8 rows are summed together, and 16 rows are dequantized together.
+// (kIndicesCheckedAtOnce), then the lanes of 8 rows are summed and dequantized together.
 __attribute__((target("avx2"))) void single_rows_avx2(const SparseInt8Args& a, int64_t n0, int64_t n1) {
-  alignas(32) int32_t sums[16];
   for (int64_t n = n0; n < n1; n += 16) {
     const int64_t rows = std::min<int64_t>(16, n1 - n);
     const bool each_row = check_each_row(a.row_ptr, n, rows);
@@ -252,9 +259,9 @@ __attribute__((target("avx2"))) void single_rows_avx2(const SparseInt8Args& a, i
           lanes[j] = row_lanes_avx2(a, row);
         }
       }
-      _mm256_store_si256(reinterpret_cast<__m256i*>(sums + half), sum_lanes8_avx2(lanes));
+      const __m256 sums = _mm256_castsi256_ps(sum_lanes8_avx2(lanes));
+      store_token_rows(a, &sums, n + half, std::min<int64_t>(8, rows - half));
     }
-    dequantize_rows_avx2(a, sums, n, rows);
   }
 }
 
@@ -294,36 +301,6 @@ __attribute__((target("avx2"))) inline __m128i pair_row_sums_avx2(const SparseIn
     tokens = _mm_add_epi32(tokens, _mm256_castsi256_si128(last));
   }
   return tokens;
-}
-
-// Dequantize and store the transposed sums of rows n .. n + rows - 1 (v[t] has token t's sums).
-// The operations are those of dequantize(), so the results are the same bits. A full batch of 8
-// rows takes unmasked loads and stores.
-__attribute__((target("avx2"))) inline void store_token_rows(const SparseInt8Args& a, const __m256* v, int64_t n,
-                                                             int64_t rows) {
-  const bool full = rows == 8;
-  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  const __m256i in_batch = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(rows)), lane);
-  const __m256i w_sums = full ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.w_sums + n))
-                              : _mm256_maskload_epi32(a.w_sums + n, in_batch);
-  const __m256 w_scale = full ? _mm256_loadu_ps(a.w_scale + n) : _mm256_maskload_ps(a.w_scale + n, in_batch);
-  __m256 bias = _mm256_setzero_ps();
-  if (a.bias != nullptr) {
-    bias = full ? _mm256_loadu_ps(a.bias + n) : _mm256_maskload_ps(a.bias + n, in_batch);
-  }
-  for (int64_t t = 0; t < a.m; ++t) {
-    const __m256i zp_sums = _mm256_mullo_epi32(_mm256_set1_epi32(a.x_zero_point[t]), w_sums);
-    const __m256i centered = _mm256_sub_epi32(_mm256_castps_si256(v[t]), zp_sums);
-    __m256 y = _mm256_mul_ps(_mm256_cvtepi32_ps(centered), _mm256_mul_ps(_mm256_set1_ps(a.x_scale[t]), w_scale));
-    if (a.bias != nullptr) {
-      y = _mm256_add_ps(y, bias);
-    }
-    if (full) {
-      _mm256_storeu_ps(a.out + t * a.n + n, y);
-    } else {
-      _mm256_maskstore_ps(a.out + t * a.n + n, in_batch, y);
-    }
-  }
 }
 
 // 2 to 4 (kTokens = 4) or 5 to 8 (kTokens = 8) tokens on AVX2, output rows [n0, n1), 8 at a time:
@@ -418,9 +395,8 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void row_avx512(
 
 // One token where gathers are fast (use_gathers()), row n's products in 8 lanes whose sum modulo
 // 2^32 is the row's sum: gather the activation words of 16 groups and multiply them with 16
-// weight words. Each gather reads only
-// the lanes whose group index is below the group count; the lanes of an index out of range are
-// added to out_of_range.
+// weight words. Each gather reads only the lanes whose group index is below the group count, and
+// the lanes of an index out of range are added to out_of_range.
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) inline __m256i row_lanes_gather_avx512(
     const SparseInt8Args& a, int64_t n, __mmask16& out_of_range) {
   const int32_t begin = a.row_ptr[n];
@@ -488,30 +464,12 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) inline __m256i r
   return _mm256_add_epi32(acc0, acc1);
 }
 
-// Dequantize the sums of one token's output rows n .. n + count - 1 (count <= 16) into a.out
-// with the operations of dequantize(), so the results are the same bits.
-__attribute__((target("avx512f,avx512bw,avx512vl"))) inline void dequantize_rows_avx512(const SparseInt8Args& a,
-                                                                                      const int32_t* sums,
-                                                                                      int64_t n, int64_t count) {
-  const __mmask16 mask = tail_mask(count);
-  const __m512i centered = _mm512_sub_epi32(
-      _mm512_maskz_loadu_epi32(mask, sums),
-      _mm512_mullo_epi32(_mm512_set1_epi32(a.x_zero_point[0]), _mm512_maskz_loadu_epi32(mask, a.w_sums + n)));
-  const __m512 scale = _mm512_mul_ps(_mm512_set1_ps(a.x_scale[0]), _mm512_maskz_loadu_ps(mask, a.w_scale + n));
-  __m512 y = _mm512_mul_ps(_mm512_cvtepi32_ps(centered), scale);
-  if (a.bias != nullptr) {
-    y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(mask, a.bias + n));
-  }
-  _mm512_mask_storeu_ps(a.out + n, mask, y);
-}
-
-// One token on AVX-512, output rows [n0, n1), 16 at a time: the lanes of 8 rows are summed
-// together, and 16 rows are dequantized together. With gathers the reads are masked by the
-// index range; otherwise the 16 rows' indices are checked first (kIndicesCheckedAtOnce).
+// One token on AVX-512, output rows [n0, n1), 16 at a time: the lanes of 8 rows are summed and
+// dequantized together. With gathers the reads are masked by the index range. Otherwise the 16
+// rows' indices are checked first (kIndicesCheckedAtOnce).
 template <bool kGathers>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void single_rows_avx512(const SparseInt8Args& a,
                                                                                         int64_t n0, int64_t n1) {
-  alignas(64) int32_t sums[16];
   for (int64_t n = n0; n < n1; n += 16) {
     const int64_t rows = std::min<int64_t>(16, n1 - n);
     const bool each_row = !kGathers && check_each_row(a.row_ptr, n, rows);
@@ -535,13 +493,13 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void single_rows
           lanes[j] = row_lanes_loads_avx512(a, row);
         }
       }
-      _mm256_store_si256(reinterpret_cast<__m256i*>(sums + half), sum_lanes8_avx2(lanes));
+      if (out_of_range != 0) {
+        a.index_out_of_range->store(true, std::memory_order_relaxed);
+        return;
+      }
+      const __m256 sums = _mm256_castsi256_ps(sum_lanes8_avx2(lanes));
+      store_token_rows(a, &sums, n + half, std::min<int64_t>(8, rows - half));
     }
-    if (out_of_range != 0) {
-      a.index_out_of_range->store(true, std::memory_order_relaxed);
-      return;
-    }
-    dequantize_rows_avx512(a, sums, n, rows);
   }
 }
 
