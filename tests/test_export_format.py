@@ -264,8 +264,85 @@ def test_invalid_sparse_index_rejected_with_path(tmp_path, monkeypatch):
     save_compressed(model, path)
     monkeypatch.undo()
     message = r"bad\.safetensors: the stored tensors are invalid: layer '1': SparseLinear: .* 16"
+    skeleton = nn.Sequential(nn.ReLU(), nn.Linear(16, 4))
+    before = _snapshot(skeleton)
     with pytest.raises(CompressedFileError, match=message):
-        load_compressed(path, model=nn.Sequential(nn.ReLU(), nn.Linear(16, 4)))
+        load_compressed(path, model=skeleton)
+    _assert_unchanged(skeleton, before)
+
+
+class ScaledMLP(nn.Module):
+    """A user's module with a parameter of its own, outside any recorded layer."""
+
+    def __init__(self, width: int = 4, extra_layer: bool = False) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+        if extra_layer:
+            self.body.append(nn.Linear(4, 2))
+        self.scale = nn.Parameter(torch.full((width,), 2.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x) * self.scale
+
+
+def _refusing_mlp() -> ScaledMLP:
+    """A skeleton whose own load hook raises, after the recorded layers have passed their checks.
+
+    It also lacks the last layer, which the load adds (and takes away again when it fails).
+    """
+
+    def refuse(*args) -> None:
+        raise RuntimeError("refused by the model's hook")
+
+    model = ScaledMLP()
+    del model.body[2]
+    model.register_load_state_dict_pre_hook(refuse)
+    return model
+
+
+def _snapshot(model: nn.Module) -> tuple[dict[str, nn.Module], dict[str, torch.Tensor]]:
+    modules = dict(model.named_modules())
+    return modules, {key: value.clone() for key, value in model.state_dict().items()}
+
+
+def _assert_unchanged(model: nn.Module, before: tuple[dict[str, nn.Module], dict[str, torch.Tensor]]) -> None:
+    modules, tensors = before
+    assert dict(model.named_modules()).keys() == modules.keys()
+    assert all(module is modules[name] for name, module in model.named_modules())
+    state = model.state_dict()
+    assert state.keys() == tensors.keys()
+    assert all(torch.equal(state[key], tensors[key]) for key in tensors)
+
+
+@pytest.mark.parametrize(
+    "skeleton, message",
+    [
+        (lambda: ScaledMLP(extra_layer=True), r"missing tensors \['body\.3\.bias', 'body\.3\.weight'\]"),
+        (lambda: ScaledMLP(width=5), r"scale has shape \(4,\) in the file and \(5,\) in the model"),
+        (lambda: nn.Sequential(nn.Linear(16, 16)), r"cannot place module 'body\.0'"),
+        (_refusing_mlp, r"tensors are invalid: refused by the model's hook"),
+    ],
+    ids=["extra_layer", "other_shape", "other_architecture", "hook_raises"],
+)
+def test_failed_load_leaves_given_model_unchanged(tmp_path, skeleton, message):
+    from lightning_weightlight.kernels import SparseLinear
+
+    torch.manual_seed(0)
+    model = ScaledMLP()
+    model.body[2] = SparseLinear.from_dense(model.body[2])
+    path = save_compressed(model.eval(), tmp_path / "scaled.safetensors")
+    target = skeleton()
+    before = _snapshot(target)
+
+    with pytest.raises(CompressedFileError, match=message):
+        load_compressed(path, model=target)
+    _assert_unchanged(target, before)
+
+    # The model the file was saved from loads, with the recorded deploy layer in place.
+    loaded = load_compressed(path, model=ScaledMLP())
+    x = torch.randn(3, 16)
+    assert isinstance(loaded.body[2], SparseLinear)
+    assert torch.equal(loaded(x), model(x))
 
 
 @pytest.mark.parametrize(

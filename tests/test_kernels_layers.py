@@ -426,6 +426,14 @@ def test_deploy_linear_rejects_overflowing_values(module_index):
         with pytest.raises(ValueError, match=f"{owner}: row_ptr contains 0.5"):
             rebuilt.load_state_dict(fractional)
 
+    # Inside a model, the error names the layer as the other load errors do.
+    model = nn.Sequential(nn.ReLU(), rebuilt)
+    model_state = {f"1.{name}": value for name, value in state.items()}
+    model_state[f"1.{key}"] = too_large
+    with pytest.raises(ValueError, match=f"^layer '1': {owner}: {key} contains"):
+        model.load_state_dict(model_state)
+    assert torch.equal(rebuilt(x), module(x))
+
 
 def test_conv2d_rejects_unsupported():
     with pytest.raises(ValueError, match="groups=1"):

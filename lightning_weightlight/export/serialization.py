@@ -346,6 +346,65 @@ def _build_model(model_info: Mapping[str, Any], trusted_modules: Sequence[str]) 
     return _resolve_class(str(class_path), trusted_modules)(**init_args)
 
 
+def _load_recorded_layers(
+    path: Path, model: nn.Module, entries: list[dict[str, Any]], state: dict[str, torch.Tensor]
+) -> dict[str, nn.Module]:
+    """Build the recorded layers and load their tensors, without changing ``model``."""
+    layers = {}
+    for entry in entries:
+        name = entry.get("name") if isinstance(entry, dict) else None
+        if not isinstance(name, str) or not name:
+            raise CompressedFileError(f"{path}: a recorded module has no name: {entry!r}")
+        parent = name.rpartition(".")[0]
+        try:
+            model.get_submodule(parent)
+            layer = build_module(entry)
+        except (AttributeError, ValueError) as err:
+            raise CompressedFileError(f"{path}: cannot place module {name!r}: {err}") from err
+        prefix = f"{name}."
+        try:
+            layer.load_state_dict(
+                {key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)}
+            )
+        except (ValueError, RuntimeError) as err:  # a deploy module's checks, or torch's shape checks
+            raise CompressedFileError(
+                f"{path}: the stored tensors are invalid: layer {name!r}: {err}"
+            ) from err
+        layers[name] = layer
+    return layers
+
+
+def _submodule_or_none(model: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
+
+
+def _check_other_tensors(
+    path: Path, model: nn.Module, layers: dict[str, nn.Module], state: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Check the tensors outside the recorded layers against ``model`` by name and shape; return them."""
+    prefixes = tuple(f"{name}." for name in layers)
+    expected = {key: value for key, value in model.state_dict().items() if not key.startswith(prefixes)}
+    stored = {key: value for key, value in state.items() if not key.startswith(prefixes)}
+    problems = []
+    if missing := sorted(expected.keys() - stored.keys()):
+        problems.append(f"missing tensors {missing}")
+    if unexpected := sorted(stored.keys() - expected.keys()):
+        problems.append(f"tensors the model does not have {unexpected}")
+    for key in sorted(expected.keys() & stored.keys()):
+        if isinstance(expected[key], torch.Tensor) and stored[key].shape != expected[key].shape:
+            shapes = f"{tuple(stored[key].shape)} in the file and {tuple(expected[key].shape)} in the model"
+            problems.append(f"{key} has shape {shapes}")
+    if problems:
+        raise CompressedFileError(
+            f"{path}: the stored tensors do not fit the model: {'; '.join(problems)}; pass an instance of "
+            "the model the file was saved from"
+        )
+    return stored
+
+
 def load_compressed(
     path: str | os.PathLike,
     *,
@@ -360,8 +419,8 @@ def load_compressed(
 
     Args:
         path: The file to read.
-        model: An instance of the original architecture to load into (modified in place, also by a
-            load that fails part way). Needed when the file records no constructor arguments.
+        model: An instance of the original architecture to load into, modified in place. A load
+            that raises leaves it unchanged. Needed when the file records no constructor arguments.
         trusted_modules: Modules, besides ``lightning_weightlight``, from which the model class may
             be imported. A class whose module is already imported is always found.
 
@@ -386,17 +445,27 @@ def load_compressed(
     model_info = document["model"]
     if model is None:
         model = _build_model(model_info, tuple(TRUSTED_MODULES) + tuple(trusted_modules))
-    for entry in model_info.get("modules", []):
-        try:
-            model.set_submodule(entry["name"], build_module(entry), strict=False)
-        except (AttributeError, KeyError) as err:
-            raise CompressedFileError(f"{path}: cannot place module {entry.get('name')!r}: {err}") from err
-
     state = dict(tensors)
     for name, target in document.get("aliases", {}).items():
         state[name] = tensors[target]
+    layers = _load_recorded_layers(path, model, model_info.get("modules", []), state)
+    other = _check_other_tensors(path, model, layers, state)
+
+    # Every check has passed: only now is the given model changed. The recorded layers hold their
+    # tensors already, so placeholders without tensors stand in for them while the rest loads.
+    originals = {name: _submodule_or_none(model, name) for name in layers}
     try:
-        model.load_state_dict(state, strict=True)
-    except (ValueError, RuntimeError) as err:  # a deploy module's checks, or torch's shape checks
+        for name in layers:
+            model.set_submodule(name, nn.Identity(), strict=False)
+        model.load_state_dict(other, strict=True)
+    except (ValueError, RuntimeError) as err:  # a load hook of the model's own modules
+        for name, original in originals.items():
+            if original is None:
+                parent, _, attribute = name.rpartition(".")
+                delattr(model.get_submodule(parent), attribute)
+            else:
+                model.set_submodule(name, original)
         raise CompressedFileError(f"{path}: the stored tensors are invalid: {err}") from err
+    for name, layer in layers.items():
+        model.set_submodule(name, layer)
     return model.eval()

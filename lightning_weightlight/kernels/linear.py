@@ -99,10 +99,11 @@ def _check_integer_values(module: _DeployLinear, state_dict, prefix, *args) -> N
             hint = ""
             if buffer.dtype == torch.int16:
                 hint = " (indices above 32767 are stored as their int16 bit pattern, value - 65536)"
-            raise ValueError(
-                f"{type(module).__name__}: {key} contains {bad!r}, which its {buffer.dtype} buffer "
-                f"cannot hold; store {name} as {buffer.dtype}{hint}"
-            )
+            with _naming_layer(prefix):
+                raise ValueError(
+                    f"{type(module).__name__}: {name} contains {bad!r}, which its {buffer.dtype} buffer "
+                    f"cannot hold; store {name} as {buffer.dtype}{hint}"
+                )
 
 
 def _check_loaded_tensors(module: _DeployLinear, state_dict, prefix, *args) -> None:
