@@ -446,7 +446,12 @@ def load_compressed(
     if model is None:
         model = _build_model(model_info, tuple(TRUSTED_MODULES) + tuple(trusted_modules))
     state = dict(tensors)
-    for name, target in document.get("aliases", {}).items():
+    aliases = document.get("aliases", {})
+    for name, target in aliases.items():
+        if target not in tensors:
+            raise CompressedFileError(
+                f"{path}: tensor {name!r} is stored as {target!r}, which the file lacks"
+            )
         state[name] = tensors[target]
     layers = _load_recorded_layers(path, model, model_info.get("modules", []), state)
     other = _check_other_tensors(path, model, layers, state)
@@ -468,4 +473,17 @@ def load_compressed(
         raise CompressedFileError(f"{path}: the stored tensors are invalid: {err}") from err
     for name, layer in layers.items():
         model.set_submodule(name, layer)
+    _tie_parameters(model, aliases)
     return model.eval()
+
+
+def _tie_parameters(model: nn.Module, aliases: Mapping[str, str]) -> None:
+    """Share again the parameters that the saved model shared (rebuilt layers hold copies)."""
+    parameters = dict(model.named_parameters(remove_duplicate=False))
+    for name, target in aliases.items():
+        alias, shared = parameters.get(name), parameters.get(target)
+        if alias is None or shared is None or alias is shared:
+            continue
+        if alias.shape == shared.shape and alias.dtype == shared.dtype:
+            owner, _, attribute = name.rpartition(".")
+            setattr(model.get_submodule(owner), attribute, shared)
