@@ -168,11 +168,22 @@ def _compression_parser(command: str) -> argparse.ArgumentParser:
 
 def run_compression_command(command: str, args: list[str]) -> object:
     """Run ``weightlight compress`` or ``weightlight report`` with ``args`` after the subcommand name."""
-    from lightning_weightlight.export import compress, load_compressed, save_compressed
+    from lightning_weightlight.export import (
+        CompressedFileError,
+        compress,
+        load_compressed,
+        read_metadata,
+        save_compressed,
+    )
     from lightning_weightlight.report import CompressionReport
 
     parser = _compression_parser(command)
     options, rest = parser.parse_known_args(args)
+    if getattr(options, "compressed", None) is not None:
+        try:  # before the checkpoint is loaded and validated
+            read_metadata(options.compressed)
+        except (CompressedFileError, OSError) as err:
+            parser.error(f"--compressed: {err}")
     with warnings.catch_warnings():
         # Two Lightning warnings do not concern the user here. The LightningCLI arguments come from
         # this command's own parsing, and the checkpoint's ModelCheckpoint state names the folder
@@ -201,7 +212,10 @@ def run_compression_command(command: str, args: list[str]) -> object:
         return path
 
     if options.compressed is not None:
-        compressed = load_compressed(options.compressed, model=copy.deepcopy(dense))
+        try:
+            compressed = load_compressed(options.compressed, model=copy.deepcopy(dense))
+        except CompressedFileError as err:
+            parser.error(f"--compressed: {err}")
     else:
         compressed = compress(dense, **compress_options)
     datamodule = cli.datamodule

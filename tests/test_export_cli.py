@@ -153,6 +153,16 @@ def test_compression_commands_report_bad_values_briefly(qat_run, python_executab
     assert "Traceback" not in result.stderr
     assert len(result.stderr.splitlines()) <= 6
 
+    # A damaged --compressed file is reported before the checkpoint is loaded.
+    damaged = tmp_path / "damaged.safetensors"
+    damaged.write_bytes(b"not a model")
+    result = run_cli(
+        python_executable, ["report", f"--ckpt_path={checkpoint}", f"--compressed={damaged}"], cwd=tmp_path
+    )
+    assert result.returncode == 2
+    assert f"error: --compressed: {damaged}: not a lightning-weightlight compressed file" in result.stderr
+    assert "Traceback" not in result.stderr
+
 
 @pytest.mark.ddp
 def test_report_callback_rank_zero_only_under_ddp(python_executable, tmp_path):

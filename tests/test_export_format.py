@@ -276,38 +276,48 @@ def test_invalid_sparse_index_rejected_with_path(tmp_path, monkeypatch):
 class ScaledMLP(nn.Module):
     """A user's module with a parameter of its own, outside any recorded layer."""
 
-    def __init__(self, width: int = 4, extra_layer: bool = False) -> None:
+    def __init__(self, width: int = 4, extra_layer: bool = False, scale: float = 2.0) -> None:
         super().__init__()
         self.body = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
         if extra_layer:
             self.body.append(nn.Linear(4, 2))
-        self.scale = nn.Parameter(torch.full((width,), 2.0))
+        self.scale = nn.Parameter(torch.full((width,), scale))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x) * self.scale
 
 
-def _refusing_mlp() -> ScaledMLP:
-    """A skeleton whose own load hook raises, after the recorded layers have passed their checks.
-
-    It also lacks the last layer, which the load adds (and takes away again when it fails).
-    """
-
-    def refuse(*args) -> None:
-        raise RuntimeError("refused by the model's hook")
-
+def _without_last_layer() -> ScaledMLP:
     model = ScaledMLP()
     del model.body[2]
-    model.register_load_state_dict_pre_hook(refuse)
     return model
 
 
-def _snapshot(model: nn.Module) -> tuple[dict[str, nn.Module], dict[str, torch.Tensor]]:
+def _without_body() -> ScaledMLP:
+    model = ScaledMLP()
+    model.body = None
+    return model
+
+
+def _refusing_mlp() -> ScaledMLP:
+    """A skeleton whose own load hook raises after every tensor has been copied into it."""
+
+    def refuse(module: nn.Module, incompatible_keys) -> None:
+        raise RuntimeError("refused by the model's hook")
+
+    model = ScaledMLP(scale=5.0)
+    model.register_load_state_dict_post_hook(refuse)
+    return model
+
+
+def _snapshot(model: nn.Module) -> tuple[dict[str, nn.Module | None], dict[str, torch.Tensor]]:
     modules = dict(model.named_modules())
     return modules, {key: value.clone() for key, value in model.state_dict().items()}
 
 
-def _assert_unchanged(model: nn.Module, before: tuple[dict[str, nn.Module], dict[str, torch.Tensor]]) -> None:
+def _assert_unchanged(
+    model: nn.Module, before: tuple[dict[str, nn.Module | None], dict[str, torch.Tensor]]
+) -> None:
     modules, tensors = before
     assert dict(model.named_modules()).keys() == modules.keys()
     assert all(module is modules[name] for name, module in model.named_modules())
@@ -319,12 +329,30 @@ def _assert_unchanged(model: nn.Module, before: tuple[dict[str, nn.Module], dict
 @pytest.mark.parametrize(
     "skeleton, message",
     [
-        (lambda: ScaledMLP(extra_layer=True), r"missing tensors \['body\.3\.bias', 'body\.3\.weight'\]"),
+        (
+            lambda: ScaledMLP(extra_layer=True),
+            r"the model has tensors that the file lacks: \['body\.3\.bias', 'body\.3\.weight'\]",
+        ),
         (lambda: ScaledMLP(width=5), r"scale has shape \(4,\) in the file and \(5,\) in the model"),
-        (lambda: nn.Sequential(nn.Linear(16, 16)), r"cannot place module 'body\.0'"),
+        (
+            lambda: nn.Sequential(nn.Linear(16, 16)),
+            r"records a Linear layer at 'body\.0', but the model has no module there; pass an instance",
+        ),
+        (
+            _without_last_layer,
+            r"records a SparseLinear layer at 'body\.2', but the model has no module there",
+        ),
+        (_without_body, r"records a Linear layer at 'body\.0', but the model has no module there"),
         (_refusing_mlp, r"tensors are invalid: refused by the model's hook"),
     ],
-    ids=["extra_layer", "other_shape", "other_architecture", "hook_raises"],
+    ids=[
+        "extra_layer",
+        "other_shape",
+        "other_architecture",
+        "missing_layer",
+        "attribute_none",
+        "hook_raises",
+    ],
 )
 def test_failed_load_leaves_given_model_unchanged(tmp_path, skeleton, message):
     from lightning_weightlight.kernels import SparseLinear
@@ -345,6 +373,58 @@ def test_failed_load_leaves_given_model_unchanged(tmp_path, skeleton, message):
     x = torch.randn(3, 16)
     assert isinstance(loaded.body[2], SparseLinear)
     assert torch.equal(loaded(x), model(x))
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda document: document.pop("model"), r"the metadata does not describe the model"),
+        (lambda document: document["model"].update(modules=5), r"the metadata does not describe the model"),
+        (lambda document: document.update(aliases={"x": 3}), r"the metadata does not describe the model"),
+        (
+            lambda document: document.update(aliases={"2.weight": "nope"}),
+            r"tensor '2\.weight' is stored as 'nope', which the file lacks",
+        ),
+        (
+            lambda document: document["model"]["modules"][0]["config"].update(
+                in_features=200_000, out_features=200_000
+            ),
+            r"0\.weight has shape \(16, 16\), but the recorded layer needs \(200000, 200000\)",
+        ),
+        (
+            lambda document: document["model"]["modules"][0]["config"].update(device="meta"),
+            r"cannot build module '0': .*unexpected 'device' or 'dtype'",
+        ),
+    ],
+    ids=["no_model", "modules_not_list", "alias_not_name", "alias_missing", "huge_layer", "device"],
+)
+def test_inconsistent_metadata_rejected(tmp_path, change, message):
+    # A digest only shows that nothing changed after writing; these files are consistent with theirs.
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    path = save_compressed(model, tmp_path / "model.safetensors")
+    rewrite_document(path, change)
+    skeleton = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    before = _snapshot(skeleton)
+
+    with pytest.raises(CompressedFileError, match=message):
+        load_compressed(path, model=skeleton)
+    _assert_unchanged(skeleton, before)
+
+
+def test_load_arguments_checked(tmp_path):
+    path = save_compressed(nn.Sequential(nn.Linear(4, 2)), tmp_path / "model.safetensors")
+
+    with pytest.raises(TypeError, match=r"model: expected an nn\.Module instance .* the class Sequential"):
+        load_compressed(path, model=nn.Sequential)
+    with pytest.raises(TypeError, match=r"model: expected an nn\.Module instance .* str 'MyModel'"):
+        load_compressed(path, model="MyModel")
+    with pytest.raises(TypeError, match=r"trusted_modules: .* the string 'mymodel'; pass \['mymodel'\]"):
+        load_compressed(path, trusted_modules="mymodel")
+    with pytest.raises(TypeError, match=r"save_compressed: metadata: expected JSON-serialisable values"):
+        save_compressed(
+            nn.Sequential(nn.Linear(4, 2)), tmp_path / "other.safetensors", metadata={"a": object()}
+        )
+    assert not (tmp_path / "other.safetensors").exists()
 
 
 @pytest.mark.parametrize(

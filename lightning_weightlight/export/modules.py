@@ -147,6 +147,11 @@ def build_module(description: dict[str, Any]) -> nn.Module:
     config = description.get("config")
     if not isinstance(config, dict):
         raise ValueError(f"module description: expected a JSON object 'config', but got {config!r}")
+    if name in TORCH_LAYERS and {"device", "dtype"} & config.keys():
+        # save_compressed never records these keys: layers are rebuilt on the CPU with the default dtype.
+        raise ValueError(
+            f"module description: unexpected 'device' or 'dtype' in the config of {name}: {config!r}"
+        )
     deploy = deploy_classes()
     try:
         if name in deploy:

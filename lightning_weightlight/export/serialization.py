@@ -25,7 +25,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from lightning_weightlight.export.modules import build_module, describe_module
+from lightning_weightlight.export.modules import TORCH_LAYERS, build_module, describe_module
 
 log = logging.getLogger(__name__)
 
@@ -234,12 +234,19 @@ def save_compressed(
         "torch_version": torch.__version__,
         "model": describe_model(model, init_args),
         "aliases": aliases,
-        "user": json.loads(json.dumps(dict(metadata or {}))),
+        "user": _json_metadata(metadata),
     }
     document["sha256"] = _tensor_digest(document, tensors)
     data = safetensors.torch.save(tensors, metadata={METADATA_KEY: json.dumps(document)})
     _atomic_write(path, data)
     return path
+
+
+def _json_metadata(metadata: Mapping[str, Any] | None) -> dict[str, Any]:
+    try:
+        return json.loads(json.dumps(dict(metadata or {})))
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"save_compressed: metadata: expected JSON-serialisable values, but {err}") from err
 
 
 def _read_header(path: Path, data: bytes) -> dict[str, Any]:
@@ -313,7 +320,7 @@ def _read_document(path: Path, data: bytes) -> dict[str, Any]:
     return document
 
 
-def _resolve_class(class_path: str, trusted_modules: Sequence[str]) -> type[nn.Module]:
+def _resolve_class(path: Path, class_path: str, trusted_modules: Sequence[str]) -> type[nn.Module]:
     module_name, _, qualname = class_path.rpartition(".")
     trusted = any(module_name == root or module_name.startswith(root + ".") for root in trusted_modules)
     if module_name in sys.modules:
@@ -322,7 +329,7 @@ def _resolve_class(class_path: str, trusted_modules: Sequence[str]) -> type[nn.M
         module = importlib.import_module(module_name)
     else:
         raise CompressedFileError(
-            f"model class {class_path!r}: its module is neither imported nor under trusted_modules "
+            f"{path}: model class {class_path!r}: its module is neither imported nor under trusted_modules "
             f"{list(trusted_modules)}; import it first, add it to trusted_modules, or pass model="
         )
     cls: Any = module
@@ -330,20 +337,31 @@ def _resolve_class(class_path: str, trusted_modules: Sequence[str]) -> type[nn.M
         cls = getattr(cls, part, None)
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
         raise CompressedFileError(
-            f"model class {class_path!r}: expected an nn.Module subclass, but got {cls!r}"
+            f"{path}: model class {class_path!r}: expected an nn.Module subclass, but got {cls!r}"
         )
     return cls
 
 
-def _build_model(model_info: Mapping[str, Any], trusted_modules: Sequence[str]) -> nn.Module:
+def _build_model(path: Path, model_info: Mapping[str, Any], trusted_modules: Sequence[str]) -> nn.Module:
     class_path = model_info.get("class_path")
     init_args = model_info.get("init_args")
     if init_args is None:
         raise CompressedFileError(
-            f"the file records no constructor arguments for {class_path!r}; pass model= with an instance "
-            "of the original architecture"
+            f"{path}: the file records no constructor arguments for {class_path!r}; pass model= with an "
+            "instance of the original architecture"
         )
-    return _resolve_class(str(class_path), trusted_modules)(**init_args)
+    cls = _resolve_class(path, str(class_path), trusted_modules)
+    if not isinstance(init_args, dict):
+        raise CompressedFileError(
+            f"{path}: expected a JSON object of constructor arguments, but got {init_args!r}"
+        )
+    try:
+        return cls(**init_args)
+    except Exception as err:  # the model's own constructor: any error means these arguments do not fit it
+        raise CompressedFileError(
+            f"{path}: {class_path}(**{init_args!r}) failed: {err}; pass model= with an instance of the "
+            "original architecture"
+        ) from err
 
 
 def _load_recorded_layers(
@@ -355,13 +373,21 @@ def _load_recorded_layers(
         name = entry.get("name") if isinstance(entry, dict) else None
         if not isinstance(name, str) or not name:
             raise CompressedFileError(f"{path}: a recorded module has no name: {entry!r}")
-        parent = name.rpartition(".")[0]
-        try:
-            model.get_submodule(parent)
-            layer = build_module(entry)
-        except (AttributeError, ValueError) as err:
-            raise CompressedFileError(f"{path}: cannot place module {name!r}: {err}") from err
+        if _submodule_or_none(model, name) is None:
+            raise CompressedFileError(
+                f"{path}: the file records a {entry.get('class')} layer at {name!r}, but the model has no "
+                "module there; pass an instance of the model the file was saved from"
+            )
         prefix = f"{name}."
+        try:
+            if entry.get("class") in TORCH_LAYERS:
+                # Check the shapes on a meta-device copy first (no memory), so that a forged size
+                # cannot make the loader allocate it.
+                with torch.device("meta"):
+                    _check_shapes(path, prefix, build_module(entry), state)
+            layer = build_module(entry)
+        except (ValueError, TypeError, RuntimeError, MemoryError) as err:
+            raise CompressedFileError(f"{path}: cannot build module {name!r}: {err}") from err
         try:
             layer.load_state_dict(
                 {key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)}
@@ -372,6 +398,16 @@ def _load_recorded_layers(
             ) from err
         layers[name] = layer
     return layers
+
+
+def _check_shapes(path: Path, prefix: str, layer: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    for key, tensor in layer.state_dict().items():
+        stored = state.get(prefix + key)
+        if stored is not None and stored.shape != tensor.shape:
+            raise CompressedFileError(
+                f"{path}: {prefix}{key} has shape {tuple(stored.shape)}, but the recorded layer needs "
+                f"{tuple(tensor.shape)}; the file is inconsistent"
+            )
 
 
 def _submodule_or_none(model: nn.Module, name: str) -> nn.Module | None:
@@ -390,9 +426,9 @@ def _check_other_tensors(
     stored = {key: value for key, value in state.items() if not key.startswith(prefixes)}
     problems = []
     if missing := sorted(expected.keys() - stored.keys()):
-        problems.append(f"missing tensors {missing}")
+        problems.append(f"the model has tensors that the file lacks: {missing}")
     if unexpected := sorted(stored.keys() - expected.keys()):
-        problems.append(f"tensors the model does not have {unexpected}")
+        problems.append(f"the file has tensors that the model lacks: {unexpected}")
     for key in sorted(expected.keys() & stored.keys()):
         if isinstance(expected[key], torch.Tensor) and stored[key].shape != expected[key].shape:
             shapes = f"{tuple(stored[key].shape)} in the file and {tuple(expected[key].shape)} in the model"
@@ -420,7 +456,9 @@ def load_compressed(
     Args:
         path: The file to read.
         model: An instance of the original architecture to load into, modified in place. A load
-            that raises leaves it unchanged. Needed when the file records no constructor arguments.
+            that raises leaves its modules and tensors as they were (other state that the model's
+            own load hooks change is not restored). Needed when the file records no constructor
+            arguments.
         trusted_modules: Modules, besides ``lightning_weightlight``, from which the model class may
             be imported. A class whose module is already imported is always found.
 
@@ -428,6 +466,19 @@ def load_compressed(
         CompressedFileError: The file is truncated, changed after writing, of a newer format
             version, or not a compressed file of this package.
     """
+    if model is not None and not isinstance(model, nn.Module):
+        got = (
+            f"the class {model.__name__}" if isinstance(model, type) else f"{type(model).__name__} {model!r}"
+        )
+        raise TypeError(
+            f"load_compressed: model: expected an nn.Module instance to load into, but got {got}; pass an "
+            "instance such as model=MyModel()"
+        )
+    if isinstance(trusted_modules, str):
+        raise TypeError(
+            f"load_compressed: trusted_modules: expected a list of module names, but got the string "
+            f"{trusted_modules!r}; pass [{trusted_modules!r}]"
+        )
     path = Path(path)
     data = path.read_bytes()
     document = _read_document(path, data)
@@ -442,34 +493,46 @@ def load_compressed(
             "file; the file is corrupted"
         )
 
-    model_info = document["model"]
-    if model is None:
-        model = _build_model(model_info, tuple(TRUSTED_MODULES) + tuple(trusted_modules))
-    state = dict(tensors)
+    model_info = document.get("model")
+    entries = model_info.get("modules", []) if isinstance(model_info, dict) else None
     aliases = document.get("aliases", {})
+    if not (
+        isinstance(entries, list)
+        and all(isinstance(entry, dict) for entry in entries)
+        and isinstance(aliases, dict)
+        and all(isinstance(target, str) for target in aliases.values())
+    ):
+        raise CompressedFileError(
+            f"{path}: the metadata does not describe the model (expected a 'model' object with a list of "
+            "'modules' and an 'aliases' object of names); the file was not written by save_compressed"
+        )
+    if model is None:
+        model = _build_model(path, model_info, tuple(TRUSTED_MODULES) + tuple(trusted_modules))
+    state = dict(tensors)
     for name, target in aliases.items():
         if target not in tensors:
             raise CompressedFileError(
                 f"{path}: tensor {name!r} is stored as {target!r}, which the file lacks"
             )
         state[name] = tensors[target]
-    layers = _load_recorded_layers(path, model, model_info.get("modules", []), state)
+    layers = _load_recorded_layers(path, model, entries, state)
     other = _check_other_tensors(path, model, layers, state)
 
     # Every check has passed: only now is the given model changed. The recorded layers hold their
     # tensors already, so placeholders without tensors stand in for them while the rest loads.
-    originals = {name: _submodule_or_none(model, name) for name in layers}
+    originals = {name: model.get_submodule(name) for name in layers}
+    current = model.state_dict()
+    backup = {key: current[key].clone() for key in other}
     try:
         for name in layers:
-            model.set_submodule(name, nn.Identity(), strict=False)
+            model.set_submodule(name, nn.Identity())
         model.load_state_dict(other, strict=True)
-    except (ValueError, RuntimeError) as err:  # a load hook of the model's own modules
+    except Exception as err:  # a load hook of the model's own modules
         for name, original in originals.items():
-            if original is None:
-                parent, _, attribute = name.rpartition(".")
-                delattr(model.get_submodule(parent), attribute)
-            else:
-                model.set_submodule(name, original)
+            model.set_submodule(name, original)
+        with torch.no_grad():
+            for key, value in backup.items():
+                current[key].copy_(value)
         raise CompressedFileError(f"{path}: the stored tensors are invalid: {err}") from err
     for name, layer in layers.items():
         model.set_submodule(name, layer)
