@@ -39,10 +39,12 @@ class TwoTower(nn.Module):
         return self.head(self.body(self.embed(tokens)))
 
 
-def rewrite_document(path: Path, change) -> None:
+def rewrite_document(path: Path, change, drop_tensors: tuple[str, ...] = ()) -> None:
     """Rewrite the metadata of a saved file with ``change(document)`` and a matching digest."""
     data = path.read_bytes()
     tensors = safetensors.torch.load(data)
+    for name in drop_tensors:
+        del tensors[name]
     document = read_metadata(path)
     del document["sha256"]
     change(document)
@@ -119,6 +121,20 @@ def test_plain_module_loads_into_given_model(tmp_path):
     # The rebuilt layers share the weight again, as the saved model did.
     assert loaded.head.weight is loaded.embed.weight
     assert len(list(loaded.parameters())) == len(list(model.parameters()))
+
+
+def test_shared_buffer_shared_after_load(tmp_path):
+    model = nn.Sequential(nn.BatchNorm1d(4), nn.BatchNorm1d(4)).eval()
+    model[0].running_mean.uniform_()
+    model[1].running_mean = model[0].running_mean
+
+    loaded = load_compressed(
+        save_compressed(model, tmp_path / "model.safetensors"),
+        model=nn.Sequential(nn.BatchNorm1d(4), nn.BatchNorm1d(4)),
+    )
+
+    assert loaded[1].running_mean is loaded[0].running_mean
+    assert torch.equal(loaded[0].running_mean, model[0].running_mean)
 
 
 def test_shared_weight_stored_once(tmp_path):
@@ -336,13 +352,13 @@ def _assert_unchanged(
         (lambda: ScaledMLP(width=5), r"scale has shape \(4,\) in the file and \(5,\) in the model"),
         (
             lambda: nn.Sequential(nn.Linear(16, 16)),
-            r"records a Linear layer at 'body\.0', but the model has no module there; pass an instance",
+            r"records layer 'body\.0' \(Linear\), but the model has no module there; pass an instance",
         ),
         (
             _without_last_layer,
-            r"records a SparseLinear layer at 'body\.2', but the model has no module there",
+            r"records layer 'body\.2' \(SparseLinear\), but the model has no module there",
         ),
-        (_without_body, r"records a Linear layer at 'body\.0', but the model has no module there"),
+        (_without_body, r"records layer 'body\.0' \(Linear\), but the model has no module there"),
         (_refusing_mlp, r"tensors are invalid: refused by the model's hook"),
     ],
     ids=[
@@ -375,6 +391,39 @@ def test_failed_load_leaves_given_model_unchanged(tmp_path, skeleton, message):
     assert torch.equal(loaded(x), model(x))
 
 
+def test_interrupted_load_leaves_given_model_unchanged(tmp_path):
+    def interrupt(module: nn.Module, incompatible_keys) -> None:
+        raise KeyboardInterrupt
+
+    path = save_compressed(ScaledMLP().eval(), tmp_path / "scaled.safetensors")
+    target = ScaledMLP(scale=5.0)
+    target.register_load_state_dict_post_hook(interrupt)
+    before = _snapshot(target)
+
+    with pytest.raises(KeyboardInterrupt):
+        load_compressed(path, model=target)
+    _assert_unchanged(target, before)
+
+
+class WithProperty(nn.Sequential):
+    """A model with a property that raises, as LightningModule.trainer does outside a Trainer."""
+
+    @property
+    def trainer(self) -> None:
+        raise RuntimeError("not attached to a Trainer")
+
+
+def test_recorded_name_of_property_rejected(tmp_path):
+    path = save_compressed(WithProperty(nn.Linear(4, 2)), tmp_path / "model.safetensors")
+    entry = {"name": "trainer", "class": "Identity", "config": {}}
+    rewrite_document(path, lambda document: document["model"]["modules"].append(entry))
+
+    with pytest.raises(
+        CompressedFileError, match=r"records layer 'trainer' \(Identity\), but the model has no"
+    ):
+        load_compressed(path, model=WithProperty(nn.Linear(4, 2)))
+
+
 @pytest.mark.parametrize(
     "change, message",
     [
@@ -393,10 +442,46 @@ def test_failed_load_leaves_given_model_unchanged(tmp_path, skeleton, message):
         ),
         (
             lambda document: document["model"]["modules"][0]["config"].update(device="meta"),
-            r"cannot build module '0': .*unexpected 'device' or 'dtype'",
+            r"cannot build layer '0': .*unexpected 'device' or 'dtype'",
+        ),
+        (
+            lambda document: document["model"]["modules"][0].update({"class": ["Linear"]}),
+            r"cannot build layer '0': module description: expected a class name, but got \['Linear'\]",
+        ),
+        (
+            lambda document: document["model"]["modules"].append(
+                {"name": "0.inner", "class": "Identity", "config": {}}
+            ),
+            r"the recorded layer '0\.inner' is nested in another recorded layer",
+        ),
+        (
+            lambda document: document["model"]["modules"][0].update(
+                {
+                    "class": "Embedding",
+                    "config": {"num_embeddings": 16, "embedding_dim": 16, "padding_idx": 50},
+                }
+            ),
+            r"cannot build layer '0': Padding_idx must be within num_embeddings",
+        ),
+        (
+            lambda document: document["model"]["modules"][0].update(
+                {"class": "GroupNorm", "config": {"num_groups": 0, "num_channels": 16}}
+            ),
+            r"cannot build layer '0': ",
         ),
     ],
-    ids=["no_model", "modules_not_list", "alias_not_name", "alias_missing", "huge_layer", "device"],
+    ids=[
+        "no_model",
+        "modules_not_list",
+        "alias_not_name",
+        "alias_missing",
+        "huge_layer",
+        "device",
+        "class_not_name",
+        "nested",
+        "bad_padding_idx",
+        "zero_groups",
+    ],
 )
 def test_inconsistent_metadata_rejected(tmp_path, change, message):
     # A digest only shows that nothing changed after writing; these files are consistent with theirs.
@@ -411,6 +496,50 @@ def test_inconsistent_metadata_rejected(tmp_path, change, message):
     _assert_unchanged(skeleton, before)
 
 
+@pytest.mark.parametrize("kind", ["Linear", "Int8Linear"])
+def test_forged_layer_size_not_allocated(tmp_path, kind):
+    from lightning_weightlight.kernels import Int8Linear
+
+    layer = nn.Linear(16, 16) if kind == "Linear" else Int8Linear.from_float(nn.Linear(16, 16))
+    path = save_compressed(nn.Sequential(layer), tmp_path / "model.safetensors")
+    config = {"in_features": 200_000, "out_features": 200_000}
+    # With the weight left out of the file too, only the recorded config gives the size.
+    rewrite_document(
+        path, lambda document: document["model"]["modules"][0]["config"].update(config), ("0.weight",)
+    )
+
+    with pytest.raises(
+        CompressedFileError, match=r"the file lacks tensors \['weight'\] of the recorded layer '0'"
+    ):
+        load_compressed(path, model=nn.Sequential(nn.Linear(16, 16)))
+
+
+@pytest.mark.parametrize(
+    "class_path, message",
+    [
+        (None, r"expected the model's class path \(module\.Class\), but got None"),
+        (
+            "lightning_weightlight.nope.Model",
+            r"cannot import 'lightning_weightlight\.nope'.*install the package",
+        ),
+    ],
+)
+def test_unusable_class_path_rejected(tmp_path, class_path, message):
+    path = save_compressed(DigitsMLP(hidden=(16,)), tmp_path / "mlp.safetensors")
+    rewrite_document(path, lambda document: document["model"].update(class_path=class_path))
+
+    with pytest.raises(CompressedFileError, match=f"mlp\\.safetensors: .*{message}"):
+        load_compressed(path)
+
+
+def test_format_version_must_be_integer(tmp_path):
+    path = save_compressed(DigitsMLP(hidden=(16,)), tmp_path / "mlp.safetensors")
+    rewrite_document(path, lambda document: document.update(format_version=True))
+
+    with pytest.raises(CompressedFileError, match="expected a positive integer format_version, but got True"):
+        load_compressed(path)
+
+
 def test_load_arguments_checked(tmp_path):
     path = save_compressed(nn.Sequential(nn.Linear(4, 2)), tmp_path / "model.safetensors")
 
@@ -420,11 +549,20 @@ def test_load_arguments_checked(tmp_path):
         load_compressed(path, model="MyModel")
     with pytest.raises(TypeError, match=r"trusted_modules: .* the string 'mymodel'; pass \['mymodel'\]"):
         load_compressed(path, trusted_modules="mymodel")
+    with pytest.raises(TypeError, match=r"trusted_modules: expected a list of module names, but got None"):
+        load_compressed(path, trusted_modules=None)
     with pytest.raises(TypeError, match=r"save_compressed: metadata: expected JSON-serialisable values"):
         save_compressed(
             nn.Sequential(nn.Linear(4, 2)), tmp_path / "other.safetensors", metadata={"a": object()}
         )
-    assert not (tmp_path / "other.safetensors").exists()
+    other = tmp_path / "other.safetensors"
+    with pytest.raises(TypeError, match=r"save_compressed: metadata: expected JSON-serialisable values"):
+        save_compressed(nn.Sequential(nn.Linear(4, 2)), other, metadata={"a": float("nan")})
+    with pytest.raises(TypeError, match=r"save_compressed: metadata: expected a mapping, but got list"):
+        save_compressed(nn.Sequential(nn.Linear(4, 2)), other, metadata=[1, 2])
+    with pytest.raises(TypeError, match=r"save_compressed: init_args: expected JSON-serialisable values"):
+        save_compressed(nn.Sequential(nn.Linear(4, 2)), other, init_args={"p": Path(".")})
+    assert not other.exists()
 
 
 @pytest.mark.parametrize(

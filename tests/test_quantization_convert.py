@@ -190,6 +190,76 @@ def test_deploy_modules_rebuild_from_config(build, layer):
     torch.testing.assert_close(module(x), layer(x), rtol=0.2, atol=0.2)
 
 
+@pytest.mark.parametrize(
+    ("build", "key", "value", "message"),
+    [
+        (
+            lambda m: WeightOnlyQuantized.from_float(m),
+            "q_weight",
+            300,
+            r"q_weight contains 300, which its torch\.int8",
+        ),
+        (
+            lambda m: WeightOnlyQuantized.from_float(m, bits=4),
+            "q_weight",
+            9,
+            r"q_weight contains 9, outside the int4",
+        ),
+        (
+            lambda m: WeightOnlyQuantized.from_float(m),
+            "weight_scale",
+            0.0,
+            r"weight_scale must be positive and finite",
+        ),
+        (
+            lambda m: Int16x8.from_float(m, input_scale=0.01),
+            "input_scale",
+            -1.0,
+            r"input_scale must be positive",
+        ),
+        (
+            lambda m: Int16x8.from_float(m, input_scale=0.01),
+            "weight_scale",
+            float("nan"),
+            r"weight_scale must be positive and finite, but contains nan",
+        ),
+    ],
+)
+def test_deploy_modules_reject_invalid_loaded_values(build, key, value, message):
+    module = build(nn.Linear(6, 3))
+    state = {name: tensor.clone() for name, tensor in module.state_dict().items()}
+    bad = state[key].to(torch.int32 if key == "q_weight" else torch.float32).clone()
+    bad.view(-1)[0] = value
+    rebuilt = type(module).from_config(module.extra_config())
+    rebuilt.load_state_dict(state)
+    x = torch.randn(2, 6)
+
+    # Inside a model the error names the layer, and the layer keeps its tensors.
+    model = nn.Sequential(rebuilt)
+    with pytest.raises(ValueError, match=f"^layer '0': {type(module).__name__}: {message}"):
+        model.load_state_dict({f"0.{name}": tensor for name, tensor in dict(state, **{key: bad}).items()})
+    assert torch.equal(rebuilt(x), module(x))
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"weight_shape": []}, r"weight_shape: expected 2 ints >= 0 for a linear weight, but got \[\]"),
+        ({"kind": "conv2d", "weight_shape": [3, 2, 3, 3], "stride": [0, 0]}, r"stride: expected 2 ints >= 1"),
+        (
+            {"kind": "conv2d", "weight_shape": [3, 2, 3, 3], "padding": [-1, -1]},
+            r"padding: expected 2 ints >= 0",
+        ),
+        ({"kind": "conv2d", "weight_shape": [3, 2, 3, 3], "groups": 0}, r"groups: expected a positive int"),
+        ({"kind": "embedding", "padding_idx": 99}, r"padding_idx: expected None or an int in \[-3, 3\)"),
+    ],
+)
+def test_deploy_modules_reject_invalid_config(config, message):
+    arguments = {"kind": "linear", "weight_shape": [3, 6], "bias": True, **config}
+    with pytest.raises(ValueError, match=message):
+        WeightOnlyQuantized.from_config(arguments)
+
+
 def test_embedding_converts_to_weight_only():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Embedding(12, 6), nn.Linear(6, 3))

@@ -145,6 +145,8 @@ def build_module(description: dict[str, Any]) -> nn.Module:
     """
     name = description.get("class")
     config = description.get("config")
+    if not isinstance(name, str):
+        raise ValueError(f"module description: expected a class name, but got {name!r}")
     if not isinstance(config, dict):
         raise ValueError(f"module description: expected a JSON object 'config', but got {config!r}")
     if name in TORCH_LAYERS and {"device", "dtype"} & config.keys():

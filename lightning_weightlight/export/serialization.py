@@ -25,7 +25,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from lightning_weightlight.export.modules import TORCH_LAYERS, build_module, describe_module
+from lightning_weightlight.export.modules import build_module, describe_module
 
 log = logging.getLogger(__name__)
 
@@ -61,13 +61,24 @@ def _tensor_digest(document: Mapping[str, Any], tensors: Mapping[str, torch.Tens
 
 
 def _json_arguments(model: nn.Module, init_args: Mapping[str, Any] | None) -> dict[str, Any] | None:
-    if init_args is None:
-        hparams = getattr(model, "hparams", None)
-        if not hparams:
-            return None
-        init_args = {key: value for key, value in dict(hparams).items() if not key.startswith("_")}
+    if init_args is not None:
+        # Arguments the caller passed must be stored as given.
+        if not isinstance(init_args, Mapping):
+            raise TypeError(
+                f"save_compressed: init_args: expected a mapping, but got {type(init_args).__name__}"
+            )
+        try:
+            return json.loads(json.dumps(dict(init_args), allow_nan=False))
+        except (TypeError, ValueError) as err:
+            raise TypeError(
+                f"save_compressed: init_args: expected JSON-serialisable values, but {err}"
+            ) from err
+    hparams = getattr(model, "hparams", None)
+    if not hparams:
+        return None
+    init_args = {key: value for key, value in dict(hparams).items() if not key.startswith("_")}
     try:
-        return json.loads(json.dumps(dict(init_args)))
+        return json.loads(json.dumps(init_args, allow_nan=False))
     except (TypeError, ValueError) as err:
         log.warning(
             "save_compressed: the constructor arguments of %s are not JSON-serialisable (%s), so the file "
@@ -243,8 +254,10 @@ def save_compressed(
 
 
 def _json_metadata(metadata: Mapping[str, Any] | None) -> dict[str, Any]:
+    if metadata is not None and not isinstance(metadata, Mapping):
+        raise TypeError(f"save_compressed: metadata: expected a mapping, but got {type(metadata).__name__}")
     try:
-        return json.loads(json.dumps(dict(metadata or {})))
+        return json.loads(json.dumps(dict(metadata or {}), allow_nan=False))
     except (TypeError, ValueError) as err:
         raise TypeError(f"save_compressed: metadata: expected JSON-serialisable values, but {err}") from err
 
@@ -309,7 +322,7 @@ def _read_document(path: Path, data: bytes) -> dict[str, Any]:
     if not isinstance(document, dict) or document.get("format") != FORMAT_NAME:
         raise CompressedFileError(f"{path}: expected format {FORMAT_NAME!r} in the metadata")
     version = document.get("format_version")
-    if not isinstance(version, int) or version < 1:
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
         raise CompressedFileError(f"{path}: expected a positive integer format_version, but got {version!r}")
     if version > FORMAT_VERSION:
         raise CompressedFileError(
@@ -326,7 +339,13 @@ def _resolve_class(path: Path, class_path: str, trusted_modules: Sequence[str]) 
     if module_name in sys.modules:
         module = sys.modules[module_name]
     elif trusted:
-        module = importlib.import_module(module_name)
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as err:
+            raise CompressedFileError(
+                f"{path}: model class {class_path!r}: cannot import {module_name!r}: {err}; install the "
+                "package that defines it, or pass model="
+            ) from err
     else:
         raise CompressedFileError(
             f"{path}: model class {class_path!r}: its module is neither imported nor under trusted_modules "
@@ -345,6 +364,11 @@ def _resolve_class(path: Path, class_path: str, trusted_modules: Sequence[str]) 
 def _build_model(path: Path, model_info: Mapping[str, Any], trusted_modules: Sequence[str]) -> nn.Module:
     class_path = model_info.get("class_path")
     init_args = model_info.get("init_args")
+    if not isinstance(class_path, str) or "." not in class_path:
+        raise CompressedFileError(
+            f"{path}: expected the model's class path (module.Class), but got {class_path!r}; pass model= "
+            "with an instance of the original architecture"
+        )
     if init_args is None:
         raise CompressedFileError(
             f"{path}: the file records no constructor arguments for {class_path!r}; pass model= with an "
@@ -368,30 +392,35 @@ def _load_recorded_layers(
     path: Path, model: nn.Module, entries: list[dict[str, Any]], state: dict[str, torch.Tensor]
 ) -> dict[str, nn.Module]:
     """Build the recorded layers and load their tensors, without changing ``model``."""
-    layers = {}
+    layers: dict[str, nn.Module] = {}
     for entry in entries:
-        name = entry.get("name") if isinstance(entry, dict) else None
+        name = entry.get("name")
         if not isinstance(name, str) or not name:
-            raise CompressedFileError(f"{path}: a recorded module has no name: {entry!r}")
+            raise CompressedFileError(f"{path}: a recorded layer has no name: {entry!r}")
+        if any(name.startswith(f"{other}.") or other.startswith(f"{name}.") for other in layers):
+            raise CompressedFileError(
+                f"{path}: the recorded layer {name!r} is nested in another recorded layer"
+            )
         if _submodule_or_none(model, name) is None:
             raise CompressedFileError(
-                f"{path}: the file records a {entry.get('class')} layer at {name!r}, but the model has no "
+                f"{path}: the file records layer {name!r} ({entry.get('class')}), but the model has no "
                 "module there; pass an instance of the model the file was saved from"
             )
         prefix = f"{name}."
+        stored = {key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)}
         try:
-            if entry.get("class") in TORCH_LAYERS:
-                # Check the shapes on a meta-device copy first (no memory), so that a forged size
-                # cannot make the loader allocate it.
-                with torch.device("meta"):
-                    _check_shapes(path, prefix, build_module(entry), state)
+            # Check the shapes on a meta-device copy first (no memory), so that a forged size
+            # cannot make the loader allocate it.
+            with torch.device("meta"):
+                expected = build_module(entry).state_dict()
+            _check_layer_tensors(path, name, expected, stored)
             layer = build_module(entry)
-        except (ValueError, TypeError, RuntimeError, MemoryError) as err:
-            raise CompressedFileError(f"{path}: cannot build module {name!r}: {err}") from err
+        except CompressedFileError:
+            raise
+        except Exception as err:  # torch's layer constructors raise several types for bad arguments
+            raise CompressedFileError(f"{path}: cannot build layer {name!r}: {err}") from err
         try:
-            layer.load_state_dict(
-                {key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)}
-            )
+            layer.load_state_dict(stored)
         except (ValueError, RuntimeError) as err:  # a deploy module's checks, or torch's shape checks
             raise CompressedFileError(
                 f"{path}: the stored tensors are invalid: layer {name!r}: {err}"
@@ -400,21 +429,25 @@ def _load_recorded_layers(
     return layers
 
 
-def _check_shapes(path: Path, prefix: str, layer: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
-    for key, tensor in layer.state_dict().items():
-        stored = state.get(prefix + key)
-        if stored is not None and stored.shape != tensor.shape:
+def _check_layer_tensors(
+    path: Path, name: str, expected: Mapping[str, torch.Tensor], stored: Mapping[str, torch.Tensor]
+) -> None:
+    if missing := sorted(expected.keys() - stored.keys()):
+        raise CompressedFileError(f"{path}: the file lacks tensors {missing} of the recorded layer {name!r}")
+    for key, tensor in expected.items():
+        if stored[key].shape != tensor.shape:
             raise CompressedFileError(
-                f"{path}: {prefix}{key} has shape {tuple(stored.shape)}, but the recorded layer needs "
+                f"{path}: {name}.{key} has shape {tuple(stored[key].shape)}, but the recorded layer needs "
                 f"{tuple(tensor.shape)}; the file is inconsistent"
             )
 
 
 def _submodule_or_none(model: nn.Module, name: str) -> nn.Module | None:
-    try:
-        return model.get_submodule(name)
-    except AttributeError:
-        return None
+    """Return the submodule at ``name``, reading only registered submodules (no properties)."""
+    module: nn.Module | None = model
+    for part in name.split("."):
+        module = module._modules.get(part) if isinstance(module, nn.Module) else None
+    return module
 
 
 def _check_other_tensors(
@@ -479,6 +512,10 @@ def load_compressed(
             f"load_compressed: trusted_modules: expected a list of module names, but got the string "
             f"{trusted_modules!r}; pass [{trusted_modules!r}]"
         )
+    if not (isinstance(trusted_modules, Sequence) and all(isinstance(name, str) for name in trusted_modules)):
+        raise TypeError(
+            f"load_compressed: trusted_modules: expected a list of module names, but got {trusted_modules!r}"
+        )
     path = Path(path)
     data = path.read_bytes()
     document = _read_document(path, data)
@@ -520,19 +557,21 @@ def load_compressed(
 
     # Every check has passed: only now is the given model changed. The recorded layers hold their
     # tensors already, so placeholders without tensors stand in for them while the rest loads.
-    originals = {name: model.get_submodule(name) for name in layers}
+    originals = {name: _submodule_or_none(model, name) for name in layers}
     current = model.state_dict()
     backup = {key: current[key].clone() for key in other}
     try:
         for name in layers:
             model.set_submodule(name, nn.Identity())
         model.load_state_dict(other, strict=True)
-    except Exception as err:  # a load hook of the model's own modules
+    except BaseException as err:  # a load hook of the model's own modules, or an interrupt
         for name, original in originals.items():
             model.set_submodule(name, original)
         with torch.no_grad():
             for key, value in backup.items():
                 current[key].copy_(value)
+        if not isinstance(err, Exception):
+            raise
         raise CompressedFileError(f"{path}: the stored tensors are invalid: {err}") from err
     for name, layer in layers.items():
         model.set_submodule(name, layer)
@@ -541,12 +580,14 @@ def load_compressed(
 
 
 def _tie_parameters(model: nn.Module, aliases: Mapping[str, str]) -> None:
-    """Share again the parameters that the saved model shared (rebuilt layers hold copies)."""
-    parameters = dict(model.named_parameters(remove_duplicate=False))
+    """Share again the parameters and buffers that the saved model shared (rebuilt layers hold copies)."""
+    tensors = dict(model.named_parameters(remove_duplicate=False))
+    tensors.update(model.named_buffers(remove_duplicate=False))
     for name, target in aliases.items():
-        alias, shared = parameters.get(name), parameters.get(target)
+        alias, shared = tensors.get(name), tensors.get(target)
         if alias is None or shared is None or alias is shared:
             continue
-        if alias.shape == shared.shape and alias.dtype == shared.dtype:
+        same_kind = isinstance(alias, nn.Parameter) == isinstance(shared, nn.Parameter)
+        if same_kind and alias.shape == shared.shape and alias.dtype == shared.dtype:
             owner, _, attribute = name.rpartition(".")
             setattr(model.get_submodule(owner), attribute, shared)

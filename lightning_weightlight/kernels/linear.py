@@ -289,7 +289,8 @@ class Int8Linear(_QuantizedInput, _DeployLinear):
         self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8))
         self.register_buffer("weight_scale", torch.ones(out_features))
         self._init_input(static_input)
-        self._repack()
+        if not self.weight_scale.is_meta:  # built on the meta device by the loader's shape check
+            self._repack()
 
     @classmethod
     def from_float(
@@ -458,7 +459,8 @@ class SparseInt8Linear(_QuantizedInput, _DeployLinear):
         self.register_buffer("values", torch.zeros(num_groups, 4, dtype=torch.int8))
         self.register_buffer("weight_scale", torch.ones(out_features))
         self._init_input(static_input)
-        self._repack()
+        if not self.weight_scale.is_meta:  # built on the meta device by the loader's shape check
+            self._repack()
 
     @classmethod
     def from_float(

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_weightlight.kernels.linear import _check_integer_values, _naming_layer
 from lightning_weightlight.kernels.reference import integer_range, quantize_affine
 from lightning_weightlight.quantization.fake_quant import weight_scale
 
@@ -68,6 +69,43 @@ def describe_layer(module: nn.Module) -> dict:
     raise TypeError(f"expected a Linear, Conv2d or Embedding module, but got {type(module).__name__}")
 
 
+def _ints(values, count: int, minimum: int) -> bool:
+    """Return whether ``values`` is a list or tuple of ``count`` ints (not bools), each >= ``minimum``."""
+    return (
+        isinstance(values, (list, tuple))
+        and len(values) == count
+        and all(
+            isinstance(value, int) and not isinstance(value, bool) and value >= minimum for value in values
+        )
+    )
+
+
+def _check_loaded_values(module: nn.Module, state_dict, prefix, *args) -> None:
+    """Reject loaded scales that are not positive and finite, and int4 weights outside [-8, 7]."""
+    with _naming_layer(prefix):
+        for name in ("weight_scale", "input_scale"):
+            value = state_dict.get(prefix + name)
+            if not isinstance(value, torch.Tensor):
+                continue
+            invalid = ~(torch.isfinite(value) & (value > 0))
+            if bool(invalid.any()):
+                bad = value.detach()[invalid].flatten()[0].item()
+                raise ValueError(
+                    f"{type(module).__name__}: {name} must be positive and finite, but contains {bad!r}"
+                )
+        q_weight = state_dict.get(prefix + "q_weight")
+        bits = getattr(module, "bits", 8)
+        if isinstance(q_weight, torch.Tensor) and bits < 8:
+            low, high = integer_range(bits, signed=True)
+            outside = (q_weight < low) | (q_weight > high)
+            if bool(outside.any()):
+                bad = q_weight[outside].flatten()[0].item()
+                raise ValueError(
+                    f"{type(module).__name__}: q_weight contains {bad!r}, outside the int{bits} range "
+                    f"[{low}, {high}]; quantize the weight with bits={bits}"
+                )
+
+
 class _LayerForward(nn.Module):
     """Hold what a Linear, Conv2d or Embedding call needs besides its weight.
 
@@ -89,6 +127,27 @@ class _LayerForward(nn.Module):
         super().__init__()
         if kind not in ("linear", "conv2d", "embedding"):
             raise ValueError(f"kind: expected 'linear', 'conv2d' or 'embedding', but got {kind!r}")
+        dims = 4 if kind == "conv2d" else 2
+        if not _ints(weight_shape, dims, minimum=0):
+            raise ValueError(
+                f"weight_shape: expected {dims} ints >= 0 for a {kind} weight, but got {weight_shape!r}"
+            )
+        for name, value, minimum in (
+            ("stride", stride, 1),
+            ("padding", padding, 0),
+            ("dilation", dilation, 1),
+        ):
+            if value is not None and not _ints(value, 2, minimum):
+                raise ValueError(f"{name}: expected 2 ints >= {minimum}, but got {value!r}")
+        if not _ints([groups], 1, minimum=1):
+            raise ValueError(f"groups: expected a positive int, but got {groups!r}")
+        if padding_idx is not None and not (
+            _ints([padding_idx], 1, minimum=-weight_shape[0]) and padding_idx < weight_shape[0]
+        ):
+            rows = weight_shape[0]
+            raise ValueError(
+                f"padding_idx: expected None or an int in [-{rows}, {rows}), but got {padding_idx!r}"
+            )
         self.kind = kind
         self.weight_shape = list(weight_shape)
         self.has_bias = bool(bias)
@@ -100,6 +159,8 @@ class _LayerForward(nn.Module):
         }
         self.padding_idx = padding_idx
         self.register_buffer("bias", torch.zeros(weight_shape[0]) if bias else None)
+        self.register_load_state_dict_pre_hook(_check_integer_values)
+        self.register_load_state_dict_pre_hook(_check_loaded_values)
 
     def extra_config(self) -> dict:
         """Return the constructor arguments, JSON-serialisable."""
