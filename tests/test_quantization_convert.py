@@ -223,12 +223,19 @@ def test_deploy_modules_rebuild_from_config(build, layer):
             float("nan"),
             r"weight_scale must be positive and finite, but contains nan",
         ),
+        (
+            lambda m: Int16x8.from_float(m, input_scale=0.01),
+            "input_scale",
+            1e-320,
+            r"input_scale must be positive and finite, but contains 0\.0",
+        ),
     ],
 )
 def test_deploy_modules_reject_invalid_loaded_values(build, key, value, message):
     module = build(nn.Linear(6, 3))
     state = {name: tensor.clone() for name, tensor in module.state_dict().items()}
-    bad = state[key].to(torch.int32 if key == "q_weight" else torch.float32).clone()
+    # float64 scales are checked as the float32 values the buffers will hold (1e-320 becomes 0).
+    bad = state[key].to(torch.int32 if key == "q_weight" else torch.float64).clone()
     bad.view(-1)[0] = value
     rebuilt = type(module).from_config(module.extra_config())
     rebuilt.load_state_dict(state)

@@ -137,9 +137,9 @@ def describe_model(model: nn.Module, init_args: Mapping[str, Any] | None = None)
             modules.append({"name": name, **description})
         elif name and _is_unsaveable_package_module(module):
             raise TypeError(
-                f"save_compressed: layer {name!r} is a {type(module).__name__}, which a compressed file "
-                "cannot describe; run compress() first to convert training modules, or keep the layer "
-                "in float"
+                f"save_compressed: layer {name!r} ({type(module).__name__}) is a training module, which a "
+                "compressed file cannot describe; run compress() first to convert training modules, or keep "
+                "the layer in float"
             )
     return {
         "class_path": f"{cls.__module__}.{cls.__qualname__}",
@@ -396,7 +396,9 @@ def _load_recorded_layers(
     for entry in entries:
         name = entry.get("name")
         if not isinstance(name, str) or not name:
-            raise CompressedFileError(f"{path}: a recorded layer has no name: {entry!r}")
+            raise CompressedFileError(
+                f"{path}: expected a non-empty string as a recorded layer's name, but got {name!r}"
+            )
         if any(name.startswith(f"{other}.") or other.startswith(f"{name}.") for other in layers):
             raise CompressedFileError(
                 f"{path}: the recorded layer {name!r} is nested in another recorded layer"
@@ -500,9 +502,7 @@ def load_compressed(
             version, or not a compressed file of this package.
     """
     if model is not None and not isinstance(model, nn.Module):
-        got = (
-            f"the class {model.__name__}" if isinstance(model, type) else f"{type(model).__name__} {model!r}"
-        )
+        got = f"the class {model.__name__}" if isinstance(model, type) else f"a {type(model).__name__}"
         raise TypeError(
             f"load_compressed: model: expected an nn.Module instance to load into, but got {got}; pass an "
             "instance such as model=MyModel()"
@@ -572,7 +572,7 @@ def load_compressed(
                 current[key].copy_(value)
         if not isinstance(err, Exception):
             raise
-        raise CompressedFileError(f"{path}: the stored tensors are invalid: {err}") from err
+        raise CompressedFileError(f"{path}: loading the stored tensors into the model failed: {err}") from err
     for name, layer in layers.items():
         model.set_submodule(name, layer)
     _tie_parameters(model, aliases)

@@ -85,8 +85,10 @@ def _check_loaded_values(module: nn.Module, state_dict, prefix, *args) -> None:
     with _naming_layer(prefix):
         for name in ("weight_scale", "input_scale"):
             value = state_dict.get(prefix + name)
-            if not isinstance(value, torch.Tensor):
+            buffer = module._buffers.get(name)
+            if not isinstance(value, torch.Tensor) or buffer is None:
                 continue
+            value = value.detach().to(buffer.dtype)  # the value the buffer will hold: 1e300 becomes inf
             invalid = ~(torch.isfinite(value) & (value > 0))
             if bool(invalid.any()):
                 bad = value.detach()[invalid].flatten()[0].item()
