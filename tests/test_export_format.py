@@ -22,6 +22,7 @@ from lightning_weightlight.export import (
     read_metadata,
     save_compressed,
 )
+from lightning_weightlight.export.modules import TORCH_LAYERS, build_module, describe_module
 from lightning_weightlight.export.serialization import METADATA_KEY, _tensor_digest
 
 
@@ -442,7 +443,7 @@ def test_recorded_name_of_property_rejected(tmp_path):
         ),
         (
             lambda document: document["model"]["modules"][0]["config"].update(device="meta"),
-            r"cannot build layer '0': .*unexpected 'device' or 'dtype'",
+            r"cannot build layer '0': module description: unexpected arguments \['device'\] for Linear",
         ),
         (
             lambda document: document["model"]["modules"][0].update({"class": ["Linear"]}),
@@ -627,3 +628,59 @@ def test_saved_file_mode_follows_umask(tmp_path):
     finally:
         os.umask(previous)
     assert path.stat().st_mode & 0o777 == 0o644
+
+
+@pytest.mark.parametrize(
+    "layer",
+    [
+        nn.Linear(3, 4, bias=False),
+        nn.Conv1d(2, 4, 3),
+        nn.Conv2d(2, 4, 3, stride=2, padding=1, groups=2),
+        nn.Conv2d(2, 4, 3, padding="same", padding_mode="reflect"),
+        nn.Conv3d(2, 2, 1),
+        nn.BatchNorm1d(3, momentum=None),
+        nn.BatchNorm2d(3, eps=0.0, momentum=0.0),
+        nn.BatchNorm3d(3, affine=False, track_running_stats=False),
+        nn.LayerNorm([4, 5], elementwise_affine=False),
+        nn.GroupNorm(2, 4),
+        nn.Embedding(5, 3, padding_idx=-1, max_norm=1.0),
+        nn.Identity(),
+    ],
+    ids=lambda layer: type(layer).__name__,
+)
+def test_torch_layer_description_rebuilds(layer):
+    description = describe_module(layer)
+    assert description["class"] in TORCH_LAYERS
+
+    rebuilt = build_module(description)
+
+    assert type(rebuilt) is type(layer)
+    assert repr(rebuilt) == repr(layer)
+
+
+@pytest.mark.parametrize(
+    "name, config, message",
+    [
+        (
+            "Conv2d",
+            {"in_channels": 2, "out_channels": 4, "kernel_size": [3, 3], "stride": [0, 0]},
+            r"invalid value \[0, 0\] for stride of Conv2d",
+        ),
+        ("BatchNorm2d", {"num_features": 3, "eps": "x"}, r"invalid value 'x' for eps of BatchNorm2d"),
+        (
+            "Linear",
+            {"in_features": 2, "out_features": 2, "bias": "no"},
+            r"invalid value 'no' for bias of Linear",
+        ),
+        ("GroupNorm", {"num_groups": -2, "num_channels": 4}, r"invalid value -2 for num_groups of GroupNorm"),
+        (
+            "Embedding",
+            {"num_embeddings": 3, "embedding_dim": 2, "_freeze": "x"},
+            r"unexpected arguments \['_freeze'\] for Embedding; expected some of",
+        ),
+    ],
+)
+def test_build_module_rejects_invalid_torch_arguments(name, config, message):
+    # torch's constructors accept these and fail only at the first forward, or not at all.
+    with pytest.raises(ValueError, match=message):
+        build_module({"class": name, "config": config})

@@ -137,6 +137,104 @@ def describe_module(module: nn.Module) -> dict[str, Any] | None:
     return None
 
 
+def _is_int(value: Any, minimum: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def _is_number(value: Any, minimum: float, strict: bool = False) -> bool:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    return value > minimum if strict else value >= minimum
+
+
+def _ints(minimum: int, count: int | None = None) -> Callable[[Any], bool]:
+    def check(value: Any) -> bool:
+        return (
+            isinstance(value, list)
+            and (len(value) == count if count is not None else len(value) > 0)
+            and all(_is_int(item, minimum) for item in value)
+        )
+
+    return check
+
+
+def _conv_spec(dims: int) -> dict[str, Callable[[Any], bool]]:
+    return {
+        "in_channels": lambda value: _is_int(value, 1),
+        "out_channels": lambda value: _is_int(value, 1),
+        "kernel_size": _ints(1, dims),
+        "stride": _ints(1, dims),
+        "padding": lambda value: value in ("same", "valid") or _ints(0, dims)(value),
+        "dilation": _ints(1, dims),
+        "groups": lambda value: _is_int(value, 1),
+        "bias": lambda value: isinstance(value, bool),
+        "padding_mode": lambda value: value in ("zeros", "reflect", "replicate", "circular"),
+    }
+
+
+_BATCH_NORM_SPEC: dict[str, Callable[[Any], bool]] = {
+    "num_features": lambda value: _is_int(value, 1),
+    "eps": lambda value: _is_number(value, 0.0),
+    "momentum": lambda value: value is None or (_is_number(value, 0.0) and value <= 1),
+    "affine": lambda value: isinstance(value, bool),
+    "track_running_stats": lambda value: isinstance(value, bool),
+}
+
+TORCH_CONFIG_SPECS: dict[str, dict[str, Callable[[Any], bool]]] = {
+    "Linear": {
+        "in_features": lambda value: _is_int(value, 0),
+        "out_features": lambda value: _is_int(value, 0),
+        "bias": lambda value: isinstance(value, bool),
+    },
+    "Conv1d": _conv_spec(1),
+    "Conv2d": _conv_spec(2),
+    "Conv3d": _conv_spec(3),
+    "BatchNorm1d": _BATCH_NORM_SPEC,
+    "BatchNorm2d": _BATCH_NORM_SPEC,
+    "BatchNorm3d": _BATCH_NORM_SPEC,
+    "LayerNorm": {
+        "normalized_shape": _ints(1),
+        "eps": lambda value: _is_number(value, 0.0),
+        "elementwise_affine": lambda value: isinstance(value, bool),
+        "bias": lambda value: isinstance(value, bool),
+    },
+    "GroupNorm": {
+        "num_groups": lambda value: _is_int(value, 1),
+        "num_channels": lambda value: _is_int(value, 1),
+        "eps": lambda value: _is_number(value, 0.0),
+        "affine": lambda value: isinstance(value, bool),
+    },
+    "Embedding": {
+        "num_embeddings": lambda value: _is_int(value, 1),
+        "embedding_dim": lambda value: _is_int(value, 1),
+        "padding_idx": lambda value: (
+            value is None or (isinstance(value, int) and not isinstance(value, bool))
+        ),
+        "max_norm": lambda value: value is None or _is_number(value, 0.0, strict=True),
+        "norm_type": lambda value: _is_number(value, 0.0, strict=True),
+        "scale_grad_by_freq": lambda value: isinstance(value, bool),
+        "sparse": lambda value: isinstance(value, bool),
+    },
+    "Identity": {},
+}
+"""The arguments a recorded torch layer may have, each with a check of its value.
+
+torch's constructors accept values that fail only at the first forward (a stride of 0, an eps
+given as a string), so a file is checked against this before a layer is built from it.
+"""
+
+
+def _check_torch_config(name: str, config: dict[str, Any]) -> None:
+    spec = TORCH_CONFIG_SPECS[name]
+    if unknown := sorted(config.keys() - spec.keys()):
+        raise ValueError(
+            f"module description: unexpected arguments {unknown} for {name}; expected some of {sorted(spec)}"
+        )
+    for key, value in config.items():
+        if not spec[key](value):
+            raise ValueError(f"module description: invalid value {value!r} for {key} of {name}")
+
+
 def build_module(description: dict[str, Any]) -> nn.Module:
     """Build an empty module of the right class and shapes from :func:`describe_module`'s output.
 
@@ -149,11 +247,8 @@ def build_module(description: dict[str, Any]) -> nn.Module:
         raise ValueError(f"module description: expected a class name, but got {name!r}")
     if not isinstance(config, dict):
         raise ValueError(f"module description: expected a JSON object 'config', but got {config!r}")
-    if name in TORCH_LAYERS and {"device", "dtype"} & config.keys():
-        # save_compressed never records these keys: layers are rebuilt on the CPU with the default dtype.
-        raise ValueError(
-            f"module description: unexpected 'device' or 'dtype' in the config of {name}: {config!r}"
-        )
+    if name in TORCH_LAYERS:
+        _check_torch_config(name, config)
     deploy = deploy_classes()
     try:
         if name in deploy:
