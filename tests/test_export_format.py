@@ -316,14 +316,14 @@ def _without_body() -> ScaledMLP:
     return model
 
 
-def _refusing_mlp() -> ScaledMLP:
+def _mlp_with_failing_hook() -> ScaledMLP:
     """A skeleton whose own load hook raises after every tensor has been copied into it."""
 
-    def refuse(module: nn.Module, incompatible_keys) -> None:
-        raise RuntimeError("refused by the model's hook")
+    def fail_load(module: nn.Module, incompatible_keys) -> None:
+        raise RuntimeError("the model's hook failed")
 
     model = ScaledMLP(scale=5.0)
-    model.register_load_state_dict_post_hook(refuse)
+    model.register_load_state_dict_post_hook(fail_load)
     return model
 
 
@@ -360,7 +360,10 @@ def _assert_unchanged(
             r"records layer 'body\.2' \(SparseLinear\), but the model has no module there",
         ),
         (_without_body, r"records layer 'body\.0' \(Linear\), but the model has no module there"),
-        (_refusing_mlp, r"loading the stored tensors into the model failed: refused by the model's hook"),
+        (
+            _mlp_with_failing_hook,
+            r"loading the stored tensors into the model failed: the model's hook failed",
+        ),
     ],
     ids=[
         "extra_layer",
@@ -439,7 +442,8 @@ def test_recorded_name_of_property_rejected(tmp_path):
             lambda document: document["model"]["modules"][0]["config"].update(
                 in_features=200_000, out_features=200_000
             ),
-            r"0\.weight has shape \(16, 16\), but the recorded layer needs \(200000, 200000\)",
+            r"layer '0' do not fit .* weight has shape \(16, 16\) in the file and \(200000, 200000\) in the "
+            r"recorded layer",
         ),
         (
             lambda document: document["model"]["modules"][0]["config"].update(device="meta"),
@@ -485,7 +489,7 @@ def test_recorded_name_of_property_rejected(tmp_path):
     ],
 )
 def test_inconsistent_metadata_rejected(tmp_path, change, message):
-    # A digest only shows that nothing changed after writing; these files are consistent with theirs.
+    # Each file carries a valid digest, which only shows that nothing changed after writing.
     model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
     path = save_compressed(model, tmp_path / "model.safetensors")
     rewrite_document(path, change)
@@ -510,7 +514,8 @@ def test_forged_layer_size_not_allocated(tmp_path, kind):
     )
 
     with pytest.raises(
-        CompressedFileError, match=r"the file lacks tensors \['weight'\] of the recorded layer '0'"
+        CompressedFileError,
+        match=r"layer '0' do not fit .*: the recorded layer has tensors that the file lacks: \['weight'\]",
     ):
         load_compressed(path, model=nn.Sequential(nn.Linear(16, 16)))
 

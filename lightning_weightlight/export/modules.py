@@ -13,6 +13,8 @@ from typing import Any
 
 from torch import nn
 
+from lightning_weightlight._checks import is_int, is_int_list
+
 
 def _conv_config(module: nn.Module) -> dict[str, Any]:
     padding = module.padding if isinstance(module.padding, str) else list(module.padding)
@@ -137,10 +139,6 @@ def describe_module(module: nn.Module) -> dict[str, Any] | None:
     return None
 
 
-def _is_int(value: Any, minimum: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
-
-
 def _is_number(value: Any, minimum: float, strict: bool = False) -> bool:
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         return False
@@ -148,32 +146,25 @@ def _is_number(value: Any, minimum: float, strict: bool = False) -> bool:
 
 
 def _ints(minimum: int, count: int | None = None) -> Callable[[Any], bool]:
-    def check(value: Any) -> bool:
-        return (
-            isinstance(value, list)
-            and (len(value) == count if count is not None else len(value) > 0)
-            and all(_is_int(item, minimum) for item in value)
-        )
-
-    return check
+    return lambda value: is_int_list(value, minimum, count)
 
 
 def _conv_spec(dims: int) -> dict[str, Callable[[Any], bool]]:
     return {
-        "in_channels": lambda value: _is_int(value, 1),
-        "out_channels": lambda value: _is_int(value, 1),
+        "in_channels": lambda value: is_int(value, 1),
+        "out_channels": lambda value: is_int(value, 1),
         "kernel_size": _ints(1, dims),
         "stride": _ints(1, dims),
         "padding": lambda value: value in ("same", "valid") or _ints(0, dims)(value),
         "dilation": _ints(1, dims),
-        "groups": lambda value: _is_int(value, 1),
+        "groups": lambda value: is_int(value, 1),
         "bias": lambda value: isinstance(value, bool),
         "padding_mode": lambda value: value in ("zeros", "reflect", "replicate", "circular"),
     }
 
 
 _BATCH_NORM_SPEC: dict[str, Callable[[Any], bool]] = {
-    "num_features": lambda value: _is_int(value, 1),
+    "num_features": lambda value: is_int(value, 1),
     "eps": lambda value: _is_number(value, 0.0),
     "momentum": lambda value: value is None or (_is_number(value, 0.0) and value <= 1),
     "affine": lambda value: isinstance(value, bool),
@@ -182,8 +173,8 @@ _BATCH_NORM_SPEC: dict[str, Callable[[Any], bool]] = {
 
 TORCH_CONFIG_SPECS: dict[str, dict[str, Callable[[Any], bool]]] = {
     "Linear": {
-        "in_features": lambda value: _is_int(value, 0),
-        "out_features": lambda value: _is_int(value, 0),
+        "in_features": lambda value: is_int(value, 0),
+        "out_features": lambda value: is_int(value, 0),
         "bias": lambda value: isinstance(value, bool),
     },
     "Conv1d": _conv_spec(1),
@@ -199,14 +190,14 @@ TORCH_CONFIG_SPECS: dict[str, dict[str, Callable[[Any], bool]]] = {
         "bias": lambda value: isinstance(value, bool),
     },
     "GroupNorm": {
-        "num_groups": lambda value: _is_int(value, 1),
-        "num_channels": lambda value: _is_int(value, 1),
+        "num_groups": lambda value: is_int(value, 1),
+        "num_channels": lambda value: is_int(value, 1),
         "eps": lambda value: _is_number(value, 0.0),
         "affine": lambda value: isinstance(value, bool),
     },
     "Embedding": {
-        "num_embeddings": lambda value: _is_int(value, 1),
-        "embedding_dim": lambda value: _is_int(value, 1),
+        "num_embeddings": lambda value: is_int(value, 1),
+        "embedding_dim": lambda value: is_int(value, 1),
         "padding_idx": lambda value: (
             value is None or (isinstance(value, int) and not isinstance(value, bool))
         ),

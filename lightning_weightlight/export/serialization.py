@@ -60,31 +60,31 @@ def _tensor_digest(document: Mapping[str, Any], tensors: Mapping[str, torch.Tens
     return digest.hexdigest()
 
 
+def _json_mapping(value: Any, argument: str) -> dict[str, Any]:
+    """Return ``value`` as it reads back from standard JSON, or raise ``TypeError`` naming ``argument``."""
+    if not isinstance(value, Mapping):
+        raise TypeError(f"save_compressed: {argument}: expected a mapping, but got {type(value).__name__}")
+    try:
+        return json.loads(json.dumps(dict(value), allow_nan=False))
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"save_compressed: {argument}: expected JSON-serialisable values, but {err}") from err
+
+
 def _json_arguments(model: nn.Module, init_args: Mapping[str, Any] | None) -> dict[str, Any] | None:
     if init_args is not None:
-        # Arguments the caller passed must be stored as given.
-        if not isinstance(init_args, Mapping):
-            raise TypeError(
-                f"save_compressed: init_args: expected a mapping, but got {type(init_args).__name__}"
-            )
-        try:
-            return json.loads(json.dumps(dict(init_args), allow_nan=False))
-        except (TypeError, ValueError) as err:
-            raise TypeError(
-                f"save_compressed: init_args: expected JSON-serialisable values, but {err}"
-            ) from err
+        return _json_mapping(init_args, "init_args")  # the caller's arguments are stored as given
     hparams = getattr(model, "hparams", None)
     if not hparams:
         return None
-    init_args = {key: value for key, value in dict(hparams).items() if not key.startswith("_")}
+    arguments = {key: value for key, value in dict(hparams).items() if not key.startswith("_")}
     try:
-        return json.loads(json.dumps(init_args, allow_nan=False))
-    except (TypeError, ValueError) as err:
+        return _json_mapping(arguments, "hparams")
+    except TypeError as err:
         log.warning(
             "save_compressed: the constructor arguments of %s are not JSON-serialisable (%s), so the file "
             "records none and load_compressed needs model=",
             type(model).__qualname__,
-            err,
+            err.__cause__,
         )
         return None
 
@@ -245,21 +245,12 @@ def save_compressed(
         "torch_version": torch.__version__,
         "model": describe_model(model, init_args),
         "aliases": aliases,
-        "user": _json_metadata(metadata),
+        "user": _json_mapping({} if metadata is None else metadata, "metadata"),
     }
     document["sha256"] = _tensor_digest(document, tensors)
     data = safetensors.torch.save(tensors, metadata={METADATA_KEY: json.dumps(document)})
     _atomic_write(path, data)
     return path
-
-
-def _json_metadata(metadata: Mapping[str, Any] | None) -> dict[str, Any]:
-    if metadata is not None and not isinstance(metadata, Mapping):
-        raise TypeError(f"save_compressed: metadata: expected a mapping, but got {type(metadata).__name__}")
-    try:
-        return json.loads(json.dumps(dict(metadata or {}), allow_nan=False))
-    except (TypeError, ValueError) as err:
-        raise TypeError(f"save_compressed: metadata: expected JSON-serialisable values, but {err}") from err
 
 
 def _read_header(path: Path, data: bytes) -> dict[str, Any]:
@@ -415,7 +406,11 @@ def _load_recorded_layers(
             # cannot make the loader allocate it.
             with torch.device("meta"):
                 expected = build_module(entry).state_dict()
-            _check_layer_tensors(path, name, expected, stored)
+            if problems := _tensor_mismatches(expected, stored, "the recorded layer"):
+                raise CompressedFileError(
+                    f"{path}: the stored tensors of layer {name!r} do not fit its recorded arguments: "
+                    f"{'; '.join(problems)}; the file is inconsistent"
+                )
             layer = build_module(entry)
         except CompressedFileError:
             raise
@@ -431,17 +426,20 @@ def _load_recorded_layers(
     return layers
 
 
-def _check_layer_tensors(
-    path: Path, name: str, expected: Mapping[str, torch.Tensor], stored: Mapping[str, torch.Tensor]
-) -> None:
+def _tensor_mismatches(
+    expected: Mapping[str, torch.Tensor], stored: Mapping[str, torch.Tensor], owner: str
+) -> list[str]:
+    """Describe the names and shapes in which ``stored`` differs from ``expected`` (those of ``owner``)."""
+    problems = []
     if missing := sorted(expected.keys() - stored.keys()):
-        raise CompressedFileError(f"{path}: the file lacks tensors {missing} of the recorded layer {name!r}")
-    for key, tensor in expected.items():
-        if stored[key].shape != tensor.shape:
-            raise CompressedFileError(
-                f"{path}: {name}.{key} has shape {tuple(stored[key].shape)}, but the recorded layer needs "
-                f"{tuple(tensor.shape)}; the file is inconsistent"
-            )
+        problems.append(f"{owner} has tensors that the file lacks: {missing}")
+    if unexpected := sorted(stored.keys() - expected.keys()):
+        problems.append(f"the file has tensors that {owner} lacks: {unexpected}")
+    for key in sorted(expected.keys() & stored.keys()):
+        if stored[key].shape != expected[key].shape:
+            shapes = f"{tuple(stored[key].shape)} in the file and {tuple(expected[key].shape)} in {owner}"
+            problems.append(f"{key} has shape {shapes}")
+    return problems
 
 
 def _submodule_or_none(model: nn.Module, name: str) -> nn.Module | None:
@@ -453,22 +451,16 @@ def _submodule_or_none(model: nn.Module, name: str) -> nn.Module | None:
 
 
 def _check_other_tensors(
-    path: Path, model: nn.Module, layers: dict[str, nn.Module], state: dict[str, torch.Tensor]
+    path: Path,
+    current: Mapping[str, torch.Tensor],
+    layers: dict[str, nn.Module],
+    state: dict[str, torch.Tensor],
 ) -> dict[str, torch.Tensor]:
-    """Check the tensors outside the recorded layers against ``model`` by name and shape; return them."""
+    """Check the tensors outside the recorded layers against the model's ``current`` ones and return them."""
     prefixes = tuple(f"{name}." for name in layers)
-    expected = {key: value for key, value in model.state_dict().items() if not key.startswith(prefixes)}
+    expected = {key: value for key, value in current.items() if not key.startswith(prefixes)}
     stored = {key: value for key, value in state.items() if not key.startswith(prefixes)}
-    problems = []
-    if missing := sorted(expected.keys() - stored.keys()):
-        problems.append(f"the model has tensors that the file lacks: {missing}")
-    if unexpected := sorted(stored.keys() - expected.keys()):
-        problems.append(f"the file has tensors that the model lacks: {unexpected}")
-    for key in sorted(expected.keys() & stored.keys()):
-        if isinstance(expected[key], torch.Tensor) and stored[key].shape != expected[key].shape:
-            shapes = f"{tuple(stored[key].shape)} in the file and {tuple(expected[key].shape)} in the model"
-            problems.append(f"{key} has shape {shapes}")
-    if problems:
+    if problems := _tensor_mismatches(expected, stored, "the model"):
         raise CompressedFileError(
             f"{path}: the stored tensors do not fit the model: {'; '.join(problems)}; pass an instance of "
             "the model the file was saved from"
@@ -553,12 +545,12 @@ def load_compressed(
             )
         state[name] = tensors[target]
     layers = _load_recorded_layers(path, model, entries, state)
-    other = _check_other_tensors(path, model, layers, state)
+    current = model.state_dict()
+    other = _check_other_tensors(path, current, layers, state)
 
     # Every check has passed: only now is the given model changed. The recorded layers hold their
     # tensors already, so placeholders without tensors stand in for them while the rest loads.
     originals = {name: _submodule_or_none(model, name) for name in layers}
-    current = model.state_dict()
     backup = {key: current[key].clone() for key in other}
     try:
         for name in layers:

@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_weightlight.kernels.linear import _check_integer_values, _naming_layer
+from lightning_weightlight._checks import is_int, is_int_list
+from lightning_weightlight.kernels.linear import _check_integer_values, _first_invalid_scale, _naming_layer
 from lightning_weightlight.kernels.reference import integer_range, quantize_affine
 from lightning_weightlight.quantization.fake_quant import weight_scale
 
@@ -69,17 +70,6 @@ def describe_layer(module: nn.Module) -> dict:
     raise TypeError(f"expected a Linear, Conv2d or Embedding module, but got {type(module).__name__}")
 
 
-def _ints(values, count: int, minimum: int) -> bool:
-    """Return whether ``values`` is a list or tuple of ``count`` ints (not bools), each >= ``minimum``."""
-    return (
-        isinstance(values, (list, tuple))
-        and len(values) == count
-        and all(
-            isinstance(value, int) and not isinstance(value, bool) and value >= minimum for value in values
-        )
-    )
-
-
 def _check_loaded_values(module: nn.Module, state_dict, prefix, *args) -> None:
     """Reject loaded scales that are not positive and finite, and int4 weights outside [-8, 7]."""
     with _naming_layer(prefix):
@@ -88,12 +78,13 @@ def _check_loaded_values(module: nn.Module, state_dict, prefix, *args) -> None:
             buffer = module._buffers.get(name)
             if not isinstance(value, torch.Tensor) or buffer is None:
                 continue
-            value = value.detach().to(buffer.dtype)  # the value the buffer will hold: 1e300 becomes inf
-            invalid = ~(torch.isfinite(value) & (value > 0))
-            if bool(invalid.any()):
-                bad = value.detach()[invalid].flatten()[0].item()
+            value = value.detach().to(buffer.dtype).reshape(-1)  # as the buffer holds it: 1e300 is inf
+            index = _first_invalid_scale(value)
+            if index is not None:
+                bad = value[index].item()
                 raise ValueError(
-                    f"{type(module).__name__}: {name} must be positive and finite, but contains {bad!r}"
+                    f"{type(module).__name__}: expected positive finite values in {name}, but "
+                    f"{name}[{index}] is {bad}"
                 )
         q_weight = state_dict.get(prefix + "q_weight")
         bits = getattr(module, "bits", 8)
@@ -130,7 +121,7 @@ class _LayerForward(nn.Module):
         if kind not in ("linear", "conv2d", "embedding"):
             raise ValueError(f"kind: expected 'linear', 'conv2d' or 'embedding', but got {kind!r}")
         dims = 4 if kind == "conv2d" else 2
-        if not _ints(weight_shape, dims, minimum=0):
+        if not is_int_list(weight_shape, 0, dims):
             raise ValueError(
                 f"weight_shape: expected {dims} ints >= 0 for a {kind} weight, but got {weight_shape!r}"
             )
@@ -139,12 +130,12 @@ class _LayerForward(nn.Module):
             ("padding", padding, 0),
             ("dilation", dilation, 1),
         ):
-            if value is not None and not _ints(value, 2, minimum):
+            if value is not None and not is_int_list(value, minimum, 2):
                 raise ValueError(f"{name}: expected 2 ints >= {minimum}, but got {value!r}")
-        if not _ints([groups], 1, minimum=1):
+        if not is_int(groups, 1):
             raise ValueError(f"groups: expected a positive int, but got {groups!r}")
         if padding_idx is not None and not (
-            _ints([padding_idx], 1, minimum=-weight_shape[0]) and padding_idx < weight_shape[0]
+            is_int(padding_idx, -weight_shape[0]) and padding_idx < weight_shape[0]
         ):
             rows = weight_shape[0]
             raise ValueError(
